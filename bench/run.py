@@ -1,0 +1,245 @@
+"""Benchmark soma-manifest against tiledbsoma's documented flow and the engine floor.
+
+    python bench/run.py --preset small|full [--processes 2] [--out bench/out]
+                        [--flows manifest,default,tuned,floor]
+
+Generates the preset's data once (cached in OUT/<preset>/), runs each flow into a fresh
+atlas in its own process, checks each atlas against the inputs and prints one table
+(also saved as OUT/<preset>/results.md and results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_DIR, MB, REPO_ROOT, FlowResult, dir_bytes, fresh_dir, run_watched  # noqa: E402
+from generate import GENERATED_JSON, GeneratedData, Preset, add_preset_args, generate, preset_from_args  # noqa: E402
+
+BASELINES = BENCH_DIR / "baselines.py"
+SCHEMA = REPO_ROOT / "schemas" / "default.yaml"
+FLOWS = {  # key -> row name
+    "manifest": "soma-manifest apply",
+    "default": "tiledbsoma default",
+    "tuned": "tuned from_h5ad",
+    "floor": "engine floor",
+}
+MANIFEST_TEMPLATE = """\
+version: 1
+atlas:
+  name: bench_atlas
+  storage: ./atlas
+schema: {schema}
+storage:
+  raw: ./raw
+  h5ad: ./h5ad
+  logs: ./logs
+studies:
+{studies}
+"""
+
+
+# ---------------------------------------------------------------- data
+
+
+def work_dir(out: Path, preset: Preset) -> Path:
+    """OUT/<preset> for a named preset, OUT/<shape> for a custom one."""
+    if preset.name != "custom":
+        return out / preset.name
+    return out / f"{preset.samples}x{preset.cells}x{preset.genes}x{preset.nnz_per_cell}"
+
+
+def ensure_data(work: Path, preset: Preset, seed: int, processes: int) -> tuple[GeneratedData, bool]:
+    """The cached data when it matches preset and seed, else freshly generated ones."""
+    if (work / GENERATED_JSON).exists():
+        cached = GeneratedData.load(work)
+        if cached.preset == preset and cached.seed == seed and all(map(os.path.exists, cached.h5ads)):
+            return cached, True
+    for sub in ("raw", "h5ad_input"):
+        fresh_dir(work / sub)
+    return generate(work, preset, seed=seed, processes=processes), False
+
+
+# ---------------------------------------------------------------- flows
+
+
+def run_baseline(flow: str, work: Path, data: GeneratedData, processes: int) -> FlowResult:
+    """One baseline flow in its own process (so its parent peak RSS is its own)."""
+    json_out = work / f"result_{flow}.json"
+    json_out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(BASELINES), flow, *data.h5ads, "--atlas", str(work / f"atlas_{flow}"),
+           "--processes", str(processes), "--json-out", str(json_out)]
+    run = run_watched(cmd)
+    if run.returncode != 0 or not json_out.exists():
+        return FlowResult(flow=FLOWS[flow], error=f"failed: {run.last_error_line()}")
+    return FlowResult.from_json(json_out.read_text())
+
+
+def write_manifest(work: Path, data: GeneratedData) -> Path:
+    """OUT/<preset>/atlas.yaml naming every generated study."""
+    studies = "\n".join(f"  - name: {s}" for s in sorted({s.study for s in data.samples}))
+    path = work / "atlas.yaml"
+    path.write_text(MANIFEST_TEMPLATE.format(schema=SCHEMA, studies=studies))
+    return path
+
+
+def run_manifest(work: Path, data: GeneratedData, processes: int) -> FlowResult:
+    """The real CLI as a subprocess: ``soma-manifest apply atlas.yaml --processes N``."""
+    row = FlowResult(flow=FLOWS["manifest"])
+    cli = Path(sys.executable).parent / "soma-manifest"
+    if not cli.exists():
+        return _unavailable(row, f"{cli} not installed")
+    if not SCHEMA.exists():
+        return _unavailable(row, f"{SCHEMA.relative_to(REPO_ROOT)} missing")
+    manifest = write_manifest(work, data)
+    for sub in ("atlas", "h5ad", "logs"):  # the state file lives in atlas/
+        fresh_dir(work / sub)
+    run = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes)], cwd=work)
+    if run.returncode != 0:
+        return _unavailable(row, run.last_error_line())
+    row.total_s = round(run.seconds, 3)
+    row.parent_rss_bytes, row.worker_rss_bytes = run.parent_peak_bytes, run.child_peak_bytes
+    _apply_run_report(row, work / "logs" / "last-apply.json")
+    row.atlas_bytes = dir_bytes(work / "atlas")
+    row.checks = verify_atlas(work / "atlas", data)
+    row.nnz, row.n_obs = row.checks.get("atlas_nnz"), row.checks.get("atlas_cells")
+    return row
+
+
+def _unavailable(row: FlowResult, reason: str) -> FlowResult:
+    row.error = f"not available: {reason}"
+    return row
+
+
+def _apply_run_report(row: FlowResult, report: Path) -> None:
+    """Prefer the CLI's own split of convert/ingest time and its own peak RSS figures."""
+    if not report.exists():
+        row.checks["run_report"] = "absent: wall time and polled RSS of the process tree"
+        return
+    doc = json.loads(report.read_text())
+    row.convert_s = doc.get("convert_seconds")
+    row.ingest_s = doc.get("ingest_seconds")
+    row.total_s = doc.get("total_seconds", row.total_s)
+    row.worker_rss_bytes = doc.get("peak_rss_worker_bytes", row.worker_rss_bytes)
+    row.parent_rss_bytes = doc.get("peak_rss_parent_bytes", row.parent_rss_bytes)
+
+
+def verify_atlas(atlas: Path, data: GeneratedData) -> dict:
+    """baselines.py verify: cells, nnz and sum against the h5ad copies of the raw data."""
+    json_out = atlas.parent / "result_manifest_verify.json"
+    json_out.unlink(missing_ok=True)
+    run = run_watched([sys.executable, str(BASELINES), "verify", *data.h5ads, "--atlas", str(atlas),
+                       "--json-out", str(json_out)])
+    if run.returncode != 0 or not json_out.exists():
+        return {"verify_error": run.last_error_line()}
+    return json.loads(json_out.read_text())
+
+
+# ---------------------------------------------------------------- table
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return format(value / scale, fmt) if value is not None else "-"
+
+
+def _check(row: FlowResult) -> str:
+    checks = row.checks
+    if "totals_match" not in checks:
+        return checks.get("verify_error", "-")
+    ok = checks["totals_match"] and checks.get("sample_equal", True)
+    return ("ok" if ok else "MISMATCH") + ("" if "sample_equal" in checks else " (totals)")
+
+
+def render_table(rows: list[FlowResult]) -> str:
+    """Markdown table: ratios first (time / soma-manifest's, ingest time / floor's), then
+    absolute numbers."""
+    ref = next((r for r in rows if r.flow == FLOWS["manifest"] and not r.error), None)
+    floor = next((r for r in rows if r.flow == FLOWS["floor"] and not r.error), None)
+    head = ["flow", "ingest ÷ soma-manifest", "end-to-end ÷ soma-manifest", "ingest ÷ floor",
+            "convert s", "ingest s", "end-to-end s", "ingest nnz/s", "parent peak RSS MB",
+            "worker peak RSS MB", "atlas MB", "check"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.error:
+            cells = [r.flow, r.error] + [""] * (len(head) - 2)
+        else:
+            cells = [
+                r.flow,
+                _ratio(r.ingest_s, ref.ingest_s if ref else None),
+                _ratio(r.total_s, ref.total_s if ref else None),
+                _ratio(r.ingest_s, floor.ingest_s if floor else None),
+                _num(r.convert_s, ".2f"),
+                _num(r.ingest_s, ".2f"),
+                _num(r.total_s, ".2f"),
+                _num(r.nnz_per_s, ".2f", 1e6) + "M" if r.nnz_per_s else "-",
+                _num(r.parent_rss_bytes, ".0f", MB),
+                _num(r.worker_rss_bytes, ".0f", MB),
+                _num(r.atlas_bytes, ".1f", MB),
+                _check(r),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(data: GeneratedData, cached: bool, processes: int) -> str:
+    """One header line: the data, the machine, the versions."""
+    from importlib.metadata import version
+
+    p = data.preset
+    source = "cached" if cached else f"generated in {data.seconds:.1f} s"
+    return (
+        f"preset {p.name}: {p.samples} samples x {p.cells:,} cells x {data.n_genes:,} genes, "
+        f"{data.total_nnz:,} nnz ({data.total_nnz / data.total_cells:.0f}/cell), data {source}; "
+        f"{processes} processes on {os.cpu_count()} cores; tiledbsoma {version('tiledbsoma')}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_preset_args(parser)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
+    parser.add_argument("--flows", default=",".join(FLOWS), help="comma-separated subset of " + ",".join(FLOWS))
+    args = parser.parse_args(argv)
+    flows = [f.strip() for f in args.flows.split(",") if f.strip()]
+    if unknown := set(flows) - set(FLOWS):
+        parser.error(f"unknown flows: {', '.join(sorted(unknown))}")
+
+    preset = preset_from_args(args)
+    work = work_dir(args.out.resolve(), preset)
+    work.mkdir(parents=True, exist_ok=True)
+    data, cached = ensure_data(work, preset, args.seed, args.processes)
+    header = describe(data, cached, args.processes)
+    print(header, flush=True)
+
+    rows = []
+    for flow in flows:
+        print(f"running {FLOWS[flow]} ...", flush=True)
+        if flow == "manifest":
+            rows.append(run_manifest(work, data, args.processes))
+        else:
+            rows.append(run_baseline(flow, work, data, args.processes))
+    table = render_table(rows)
+    print(table)
+    (work / "results.md").write_text(header + "\n\n" + table + "\n")
+    (work / "results.json").write_text(
+        json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from soma_manifest.cli import main
+
+main()

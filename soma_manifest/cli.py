@@ -1,0 +1,324 @@
+"""The soma-manifest command line. The only module that prints or exits.
+
+Exit codes: 0 success (and, for plan --detailed-exitcode, no changes); 1 error, failed
+samples or drift; 2 plan --detailed-exitcode with changes present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+
+from soma_manifest.errors import ManifestError, PlanError, SomaManifestError
+from soma_manifest.manifest import LoadedManifest, load_manifest, manifest_json_schema
+from soma_manifest.plan import Plan, make_plan, observe
+from soma_manifest.schema import AtlasSchema, load_schema
+from soma_manifest.state import load_state
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Terraform-style desired state for single-cell atlases in TileDB-SOMA.")
+
+
+class Output:
+    """stdout for results (machine-readable when asked), stderr for progress and errors."""
+
+    color: bool | None = None  # None: only on a terminal
+
+    @classmethod
+    def out(cls) -> Console:
+        return Console(no_color=cls.color is False or None, highlight=False, soft_wrap=True,
+                       force_terminal=False if cls.color is False else None)
+
+    @classmethod
+    def err(cls) -> Console:
+        return Console(stderr=True, no_color=cls.color is False or None, highlight=False, soft_wrap=True,
+                       force_terminal=False if cls.color is False else None)
+
+
+@app.callback()
+def _options(no_color: bool = typer.Option(False, "--no-color", help="Never use colours.")) -> None:
+    if no_color or os.environ.get("NO_COLOR"):
+        Output.color = False
+
+
+def _guard(fn: Callable[[], int]) -> None:
+    """Run a command; a SomaManifestError becomes one clear message on stderr and exit 1."""
+    try:
+        code = fn()
+    except ManifestError as exc:
+        err = Output.err()
+        err.print("[red]error:[/] invalid input", markup=True)
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False)
+        raise typer.Exit(1)
+    except SomaManifestError as exc:
+        Output.err().print(f"[red]error:[/] {_escape(exc.render())}")
+        raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _load(manifest_path: Path) -> tuple[LoadedManifest, AtlasSchema]:
+    manifest = load_manifest(manifest_path)
+    return manifest, load_schema(manifest.schema_path)
+
+
+def _compute_plan(manifest: LoadedManifest, schema: AtlasSchema):
+    state = load_state(manifest.state_path)
+    observations = observe(manifest, state)
+    plan = make_plan(manifest, schema, observations, state, atlas_present=manifest.atlas_uri.is_dir())
+    return plan, observations, state
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@app.command()
+def validate(manifests: list[Path] = typer.Argument(..., help="One or more manifest files.")) -> None:
+    """Check manifests, their schemas and raw layouts. Writes nothing."""
+    from soma_manifest.sources import discover, sample_files
+
+    def run() -> int:
+        failures = 0
+        for path in manifests:
+            try:
+                manifest, _ = _load(path)
+                samples = discover(manifest)
+                problems = []
+                for s in samples:
+                    try:
+                        sample_files(s)
+                    except SomaManifestError as exc:
+                        problems.append(f"{s.key}: {exc.render()}")
+                if problems:
+                    raise ManifestError(problems)
+            except ManifestError as exc:
+                failures += 1
+                Output.err().print(f"[red]invalid:[/] {_escape(str(path))}")
+                for problem in exc.problems:
+                    Output.err().print(f"  {problem}", markup=False)
+                continue
+            except SomaManifestError as exc:
+                failures += 1
+                Output.err().print(f"[red]invalid:[/] {_escape(str(path))}: {_escape(exc.render())}")
+                continue
+            studies = len({s.study for s in samples})
+            Output.out().print(f"valid: {_escape(str(path))} ({len(samples)} samples in {studies} studies)")
+        return 1 if failures else 0
+
+    _guard(run)
+
+
+class PlanFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+@app.command()
+def plan(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", help="text, json or markdown."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Save the plan (JSON) for `apply PLAN.json`."),
+    detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode",
+                                           help="Exit 0 with no changes, 2 with changes, 1 on error."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the samples that are up to date."),
+) -> None:
+    """Show what apply would do to each sample, and why. Writes nothing (but --out)."""
+    from soma_manifest import render
+
+    def run() -> int:
+        manifest, schema = _load(manifest_path)
+        the_plan, _, _ = _compute_plan(manifest, schema)
+        if out is not None:
+            _write_plan(the_plan, out)
+            Output.err().print(f"Saved the plan to {_escape(str(out))}; apply it with "
+                               f"`soma-manifest apply {_escape(str(out))}`.")
+        chosen = PlanFormat.json if as_json else fmt
+        if chosen is PlanFormat.json:
+            sys.stdout.write(render.plan_json(the_plan) + "\n")
+        elif chosen is PlanFormat.markdown:
+            sys.stdout.write(render.plan_markdown(the_plan) + "\n")
+        else:
+            Output.out().print(render.plan_text(the_plan, verbose=verbose))
+        if detailed_exitcode:
+            return 2 if the_plan.has_changes else 0
+        return 0
+
+    _guard(run)
+
+
+def _write_plan(the_plan: Plan, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(the_plan.model_dump_json(indent=1))
+    os.replace(tmp, path)
+
+
+def _read_saved_plan(path: Path) -> Plan | None:
+    """The saved plan at `path`, or None when `path` is a manifest."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != "soma-manifest-plan":
+        return None
+    if data.get("format_version") != 1:
+        raise PlanError(f"plan format version {data.get('format_version')} is not supported", where=path)
+    return Plan.model_validate(data)
+
+
+@app.command()
+def apply(
+    target: Path = typer.Argument(..., metavar="MANIFEST_OR_PLAN",
+                                  help="A manifest, or a plan saved with `plan --out`."),
+    processes: Optional[int] = typer.Option(None, "--processes", "-p", min=1,
+                                            help="Worker processes (default: manifest's, else CPU count)."),
+    allow_delete: bool = typer.Option(False, "--allow-delete", help="Allow deleting the cells of removed samples."),
+    chunk_nnz: int = typer.Option(5_000_000, "--chunk-nnz", min=1000, hidden=True),
+) -> None:
+    """Make the atlas match the manifest: run exactly the steps `plan` shows."""
+    from soma_manifest import apply as executor
+    from soma_manifest import render
+    from soma_manifest.lock import AtlasLock, lock_path
+    from soma_manifest.progress import progress_reporter
+
+    def run() -> int:
+        saved = _read_saved_plan(target)
+        manifest, schema = _load(Path(saved.manifest) if saved else target)
+        with AtlasLock(lock_path(manifest.state_path)):
+            the_plan, observations, state = _compute_plan(manifest, schema)
+            if saved is not None:
+                executor.check_saved_plan(saved, the_plan)
+            state = executor.open_state(manifest, state, schema)
+            err = Output.err()
+            if not the_plan.has_changes:
+                err.print(f"No changes: {the_plan.summary.samples} samples up to date. Nothing to do.")
+                return 0
+            err.print(render.plan_text(the_plan))
+            workers = processes or manifest.spec.processes or os.cpu_count() or 1
+            with progress_reporter(err) as reporter:
+                report = executor.execute(manifest, schema, the_plan, observations, state, processes=workers,
+                                          allow_delete=allow_delete, reporter=reporter, chunk_nnz=chunk_nnz)
+        _print_report(report, manifest)
+        return 0 if report.ok else 1
+
+    _guard(run)
+
+
+def _print_report(report, manifest: LoadedManifest) -> None:
+    err = Output.err()
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    err.print(f"Apply finished: {len(report.succeeded)} succeeded, {len(report.failed)} failed, "
+              f"{report.unchanged} unchanged, {len(report.removed)} removed ({seconds}).")
+    for key, error in sorted(report.failed.items()):
+        err.print(f"  [red]failed[/] {_escape(key)}: {_escape(error)}")
+    for problem in report.verify_problems:
+        err.print(f"  [red]verify[/] {_escape(problem)}")
+    if report.failed:
+        err.print("The failed samples are recorded in the state; fix them and run apply again to retry.")
+    err.print(f"Atlas: {_escape(str(manifest.atlas_uri))}  (log: {_escape(str(report.log_file))})")
+
+
+@app.command()
+def verify(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    deep: bool = typer.Option(False, "--deep", help="Also compare every sample's X and obs with its h5ad."),
+) -> None:
+    """Check that the atlas holds exactly what the state says. Exit 1 on drift."""
+    from soma_manifest.verify import verify as run_verify
+
+    def run() -> int:
+        manifest, schema = _load(manifest_path)
+        state = _require_state(manifest)
+        problems = run_verify(str(manifest.atlas_uri), schema, state, deep=deep)
+        if problems:
+            Output.out().print(f"[red]Drift found in {_escape(str(manifest.atlas_uri))}:[/]")
+            for p in problems:
+                Output.out().print(f"  - {_escape(p)}")
+            return 1
+        cells = sum(s.atlas_cells or 0 for s in state.samples.values() if s.ingest == "done")
+        Output.out().print(f"OK: {len(state.samples)} samples, {cells:,} cells match the state"
+                           + (" and their h5ad files" if deep else "") + ".")
+        return 0
+
+    _guard(run)
+
+
+def _require_state(manifest: LoadedManifest):
+    from soma_manifest.errors import StateError
+
+    state = load_state(manifest.state_path)
+    if state is None:
+        raise StateError("no state file yet", where=manifest.state_path, hint="run `soma-manifest apply` first")
+    return state
+
+
+@app.command()
+def show(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable ledger."),
+    summary: bool = typer.Option(False, "--summary", help="Summarize the atlas itself (cells, genes, samples)."),
+) -> None:
+    """The per-sample ledger from the state."""
+    from soma_manifest import render
+
+    def run() -> int:
+        manifest, schema = _load(manifest_path)
+        state = _require_state(manifest)
+        if as_json:
+            sys.stdout.write(render.ledger_json(state) + "\n")
+        else:
+            Output.out().print(render.ledger_text(state))
+        if summary:
+            from soma_manifest import atlas
+
+            ov = atlas.overview(str(manifest.atlas_uri))
+            Output.out().print(f"\nAtlas {_escape(str(manifest.atlas_uri))}: {ov.cells:,} cells x {ov.genes:,} genes, "
+                               f"layers {', '.join(ov.layers)}, {len(ov.samples)} samples")
+            Output.out().print("Read it with: tiledbsoma.Experiment.open(uri).axis_query('"
+                               f"{schema.measurement}').to_anndata(X_name='{schema.counts_layer.name}')",
+                               markup=False)
+        return 0
+
+    _guard(run)
+
+
+@app.command()
+def unlock(manifest_path: Path = typer.Argument(..., metavar="MANIFEST")) -> None:
+    """Remove the atlas lock deliberately (after making sure no apply is running)."""
+    from soma_manifest.lock import force_unlock, lock_path
+
+    def run() -> int:
+        manifest = load_manifest(manifest_path)
+        holder = force_unlock(lock_path(manifest.state_path))
+        if holder is None:
+            Output.err().print("The atlas was not locked.")
+        else:
+            Output.err().print(f"Removed the lock held by {_escape(holder.describe())}.")
+        return 0
+
+    _guard(run)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the manifest format (schemas/manifest.schema.json)."""
+    sys.stdout.write(json.dumps(manifest_json_schema(), indent=2) + "\n")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,293 @@
+"""Convert step: one raw sample -> a standardized h5ad that follows the atlas schema.
+
+The h5ad holds exactly the schema's obs columns (obs index = `<study>/<sample>/<barcode>`),
+var indexed by gene id with the schema's var columns, and canonical CSR int32 raw counts.
+It is written atomically, so a killed convert never leaves a half file under its name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from soma_manifest.errors import SourceError
+from soma_manifest.readers import RawCounts, read_sample
+from soma_manifest.schema import AtlasSchema, ObsColumn
+from soma_manifest.sources import metadata_file
+
+_INT32_MAX = np.iinfo(np.int32).max
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+@dataclass(frozen=True)
+class ConvertJob:
+    key: str
+    study: str
+    sample: str
+    format: str
+    path: str
+    raw_root: str
+    h5ad_path: str
+    metadata_only: bool = False  # re-join metadata onto the existing h5ad instead of re-reading raw
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    key: str
+    h5ad: str
+    cells: int
+    nnz: int
+    genes: int
+    dropped_features: int  # features of other types (e.g. Antibody Capture) left out of the measurement
+
+
+def h5ad_path_for(h5ad_root: Path, study: str, sample: str) -> Path:
+    return h5ad_root / study / f"{sample}.h5ad"
+
+
+def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
+    """Read, standardize and write one sample; raises SourceError naming the bad file."""
+    if job.metadata_only:
+        adata = ad.read_h5ad(job.h5ad_path)
+        prefix = f"{job.study}/{job.sample}/"
+        barcodes = np.array([i[len(prefix):] for i in adata.obs_names], dtype=object)
+        metadata = _metadata_columns(job, schema, barcodes, None)
+        for name, values in metadata.items():
+            adata.obs[name] = values
+        dropped = 0
+    else:
+        raw = read_sample(job.format, Path(job.path))
+        adata, dropped = _standardize(job, schema, raw)
+    _write_atomically(adata, Path(job.h5ad_path))
+    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped)
+
+
+def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[ad.AnnData, int]:
+    keep = np.isin(raw.feature_types.astype(str), list(schema.genes.feature_types))
+    if not keep.any():
+        raise SourceError(f"no features of type {', '.join(schema.genes.feature_types)}", where=job.path,
+                          hint="check the features file, or genes.feature_types in the schema")
+    counts = raw.counts[:, np.flatnonzero(keep)].tocsr()
+    symbols = raw.feature_names[keep].astype(str)
+    ids = _gene_ids(raw.feature_ids[keep].astype(str), symbols)
+    qc = _qc(counts, symbols, schema)
+    if schema.genes.universe == "fixed":
+        counts, ids, symbols = _to_universe(counts, ids, symbols, schema)
+    if counts.nnz and counts.data.max() > _INT32_MAX:
+        raise SourceError("a count exceeds the int32 range", where=job.path, hint="these are not UMI counts")
+    counts = sp.csr_matrix(counts, dtype=np.int32)
+    counts.sum_duplicates()
+    counts.sort_indices()
+    barcodes = raw.barcodes.astype(str).astype(object)
+    obs = pd.DataFrame(index=pd.Index([f"{job.key}/{b}" for b in barcodes], name="obs_id"))
+    metadata = _metadata_columns(job, schema, barcodes, raw.cell_annotations)
+    for col in schema.obs:
+        if col.source == "barcode":
+            obs[col.name] = _typed(barcodes, col)
+        elif col.source == "sample":
+            obs[col.name] = _typed(np.full(len(barcodes), job.sample, dtype=object), col)
+        elif col.source == "study":
+            obs[col.name] = _typed(np.full(len(barcodes), job.study, dtype=object), col)
+        elif col.source == "computed":
+            obs[col.name] = _typed(qc[col.computed], col)
+        else:
+            obs[col.name] = metadata[col.name]
+    var = pd.DataFrame(index=pd.Index(ids, name="var_id"))
+    types = raw.feature_types[keep].astype(str) if schema.genes.universe == "union" else None
+    for vcol in schema.var:
+        if vcol.source == "feature_name":
+            var[vcol.name] = symbols.astype(object)
+        else:
+            var[vcol.name] = types.astype(object) if types is not None else "Gene Expression"
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.uns["soma_manifest"] = {"key": job.key, "conversion": schema.conversion}
+    return adata, int((~keep).sum())
+
+
+def _gene_ids(ids: np.ndarray, symbols: np.ndarray) -> np.ndarray:
+    """Gene ids when they identify the genes; else the symbols, made unique the way anndata does
+    (SYMBOL, SYMBOL-1, ...), e.g. for Cell Ranger 2 files with placeholder ids like ENSGXXXXXX."""
+    if len(np.unique(ids)) == len(ids):
+        return ids
+    seen: dict[str, int] = {}
+    unique = []
+    for symbol in symbols:
+        n = seen.get(symbol, 0)
+        seen[symbol] = n + 1
+        unique.append(symbol if n == 0 else f"{symbol}-{n}")
+    return np.asarray(unique, dtype=object)
+
+
+def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict[str, np.ndarray]:
+    umi = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
+    nnz = np.diff(counts.indptr).astype(np.int64)
+    upper = np.char.upper(symbols.astype(str))
+
+    def pct(prefixes: tuple[str, ...]) -> np.ndarray:
+        mask = np.zeros(len(symbols), dtype=bool)
+        for p in prefixes:
+            mask |= np.char.startswith(symbols.astype(str), p) | np.char.startswith(upper, p.upper())
+        part = np.asarray(counts[:, np.flatnonzero(mask)].sum(axis=1)).ravel()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(umi > 0, 100.0 * part / np.maximum(umi, 1), 0.0)
+
+    return {"nnz": nnz, "n_genes": nnz, "umi_counts": umi,
+            "pct_mito": pct(schema.qc.mito_prefixes), "pct_ribo": pct(schema.qc.ribo_prefixes)}
+
+
+def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, schema: AtlasSchema):
+    path = schema.gene_list_path()
+    table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
+    universe = table[0].to_numpy(dtype=object)
+    universe_symbols = (table[1] if table.shape[1] > 1 else table[0]).to_numpy(dtype=object)
+    position = pd.Index(universe).get_indexer(ids)
+    present = position >= 0
+    coo = counts[:, np.flatnonzero(present)].tocoo()
+    cols = position[present][coo.col]
+    fitted = sp.csr_matrix((coo.data, (coo.row, cols)), shape=(counts.shape[0], len(universe)))
+    return fitted, universe, universe_symbols.astype(str)
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+def _metadata_columns(job: ConvertJob, schema: AtlasSchema, barcodes: np.ndarray,
+                      annotations: pd.DataFrame | None) -> dict[str, np.ndarray]:
+    """Values of every metadata-sourced obs column, typed, one per cell."""
+    raw_root = Path(job.raw_root)
+    out: dict[str, np.ndarray] = {}
+    cell_cols = [c for c in schema.obs if c.source == "cell_metadata"]
+    sample_cols = [c for c in schema.obs if c.source == "sample_metadata"]
+    if cell_cols:
+        path = metadata_file(raw_root, job.study, "cell_metadata")
+        table = _cell_rows(path, job.sample, barcodes) if path else None
+        for col in cell_cols:
+            values = _lookup(table, col.metadata_column)
+            if annotations is not None and col.metadata_column in annotations.columns:
+                own = annotations[col.metadata_column].reindex(barcodes).astype(object).to_numpy()
+                values = own if values is None else np.where(pd.isna(values), own, values)
+            lines = table["__line__"].to_numpy(dtype=object) if table is not None else None
+            out[col.name] = _fill(values, len(barcodes), col, job, path, "cell_metadata", "cells", lines)
+    if sample_cols:
+        path = metadata_file(raw_root, job.study, "sample_metadata")
+        header, row = _sample_row(path, job.sample) if path else ([], None)
+        for col in sample_cols:
+            if path is not None and col.metadata_column not in header:
+                values = None
+            else:
+                value = row.get(col.metadata_column) if row is not None else None
+                values = np.full(len(barcodes), np.nan if value is None else value, dtype=object)
+            lines = np.full(len(barcodes), row["__line__"] if row is not None else np.nan, dtype=object)
+            out[col.name] = _fill(values, len(barcodes), col, job, path, "sample_metadata", "sample", lines)
+    return out
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
+    except PermissionError:
+        raise SourceError("permission denied", where=path, hint="make the file readable") from None
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise SourceError(f"cannot parse metadata table: {exc}", where=path,
+                          hint="it must be tab-separated text with a header row (gzipped when named .gz)") from None
+    table.index = pd.RangeIndex(2, len(table) + 2)  # file line numbers, for messages
+    table["__line__"] = table.index
+    return table
+
+
+def _unique_rows(table: pd.DataFrame, key: str, path: Path) -> pd.DataFrame:
+    dupes = table[key].duplicated(keep=False)
+    if dupes.any():
+        first = table.loc[dupes, key].iloc[0]
+        lines = ", ".join(str(i) for i in table.index[table[key] == first][:5])
+        raise SourceError(f"duplicate {key} '{first}' (lines {lines})", where=path,
+                          hint=f"each {key} may appear once per sample")
+    return table.set_index(key)
+
+
+def _cell_rows(path: Path, sample: str, barcodes: np.ndarray) -> pd.DataFrame:
+    table = _read_table(path)
+    if "barcode" not in table.columns:
+        raise SourceError(f"no 'barcode' column (columns: {', '.join(table.columns)})", where=path,
+                          hint="cell metadata is joined on a column named barcode")
+    if "sample_name" in table.columns:
+        table = table[table["sample_name"] == sample]
+    rows = _unique_rows(table, "barcode", path)
+    return rows.reindex(barcodes)
+
+
+def _sample_row(path: Path, sample: str) -> tuple[list[str], dict | None]:
+    table = _read_table(path)
+    if "sample_name" not in table.columns:
+        raise SourceError(f"no 'sample_name' column (columns: {', '.join(table.columns[:-1])})", where=path,
+                          hint="sample metadata is joined on a column named sample_name")
+    rows = _unique_rows(table[table["sample_name"] == sample], "sample_name", path)
+    return list(table.columns), (rows.iloc[0].to_dict() if len(rows) else None)
+
+
+def _lookup(table: pd.DataFrame | None, column: str) -> np.ndarray | None:
+    """The column's values per cell (NaN where a cell has no row); None when the column is absent."""
+    if table is None or column not in table.columns:
+        return None
+    return table[column].to_numpy(dtype=object)
+
+
+def _fill(values: np.ndarray | None, n: int, col: ObsColumn, job: ConvertJob, path: Path | None,
+          kind: str, unit: str, lines: np.ndarray | None) -> np.ndarray:
+    """Apply the column's default to missing values and type the result; name the gap if no default."""
+    if values is None:
+        if col.default is None:
+            where = path or Path(job.raw_root) / job.study / kind / f"{job.study}.tsv[.gz]"
+            raise SourceError(f"sample {job.key}: obs column '{col.name}' comes from {kind}, which is missing "
+                              f"or has no column '{col.metadata_column}'", where=where,
+                              hint="add it, or give the column a default in the schema")
+        values = np.full(n, np.nan, dtype=object)
+    missing = pd.isna(values)
+    if missing.any():
+        if col.default is None:
+            raise SourceError(f"sample {job.key}: {int(missing.sum())} {unit} have no '{col.metadata_column}'",
+                              where=path or job.path, hint="add the rows, or give the column a default in the schema")
+        values = np.where(missing, col.default, values)
+    return _typed(values, col, path, lines)
+
+
+def _typed(values: np.ndarray, col: ObsColumn, path: Path | None = None,
+           lines: np.ndarray | None = None) -> np.ndarray:
+    """Cast to the schema type; a value that does not fit is an error naming file and line."""
+    kind = col.type
+    if kind == "string":
+        return np.asarray([str(v) for v in values], dtype=object)
+    if kind == "bool":
+        text = np.asarray([str(v).strip().lower() for v in values], dtype=object)
+        bad = ~np.isin(text, list(_TRUE | _FALSE))
+        converted = np.isin(text, list(_TRUE))
+    else:
+        numeric = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=float)
+        bad = np.isnan(numeric) | (np.mod(numeric, 1) != 0 if kind.startswith("int") else False)
+        converted = numeric
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        line = f":{int(lines[i])}" if lines is not None and not pd.isna(lines[i]) else ""
+        raise SourceError(f"column '{col.metadata_column}': value {values[i]!r} is not {kind}",
+                          where=f"{path}{line}" if path else None,
+                          hint=f"fix the value, or change the type of obs column '{col.name}' in the schema")
+    return np.asarray(converted).astype(kind)
+
+
+def _write_atomically(adata: ad.AnnData, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # Uncompressed: the ingest reads it right back, and compression costs more than the disk saves.
+        adata.write_h5ad(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""One apply at a time per atlas: an exclusive lock file that names its holder."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from soma_manifest.errors import LockError
+from soma_manifest.state import now
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    host: str
+    started: str
+    command: str
+    process_created: float  # guards against a recycled pid
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}, since {self.started}: {self.command}"
+
+
+def lock_path(state_path: Path) -> Path:
+    return state_path.with_name(state_path.name + ".lock")
+
+
+def _me() -> Holder:
+    return Holder(os.getpid(), socket.gethostname(), now(), " ".join(sys.argv) or "python",
+                  psutil.Process().create_time())
+
+
+def read_holder(path: Path) -> Holder | None:
+    try:
+        return Holder(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        # A lock file half-written by a process killed while creating it: its holder is dead.
+        return Holder(0, socket.gethostname(), "?", "unknown (unreadable lock file)", 0.0)
+
+
+def _is_alive(holder: Holder) -> bool:
+    if holder.host != socket.gethostname():
+        return True  # cannot tell from here; only `unlock` may remove it
+    try:
+        proc = psutil.Process(holder.pid)
+        return abs(proc.create_time() - holder.process_created) < 1.0
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+class AtlasLock:
+    """`with AtlasLock(path):` holds the lock; a dead holder on this host is taken over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> "AtlasLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._try_create():
+                return self
+            holder = read_holder(self.path)
+            if holder is None:
+                continue
+            if _is_alive(holder):
+                raise LockError(f"the atlas is locked by {holder.describe()}", where=self.path,
+                                hint="wait for that apply to finish; if it is gone, run `soma-manifest unlock`")
+            self._take_over(holder)
+        raise LockError("could not take the lock (it changed hands repeatedly)", where=self.path)
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(_me()), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+
+    def _take_over(self, dead: Holder) -> None:
+        # Rename is atomic, but another process may have taken over and locked in between:
+        # if what we moved aside is not the dead holder's file, put it back.
+        stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+        try:
+            os.replace(self.path, stale)
+        except FileNotFoundError:
+            return
+        if read_holder(stale) != dead:
+            try:
+                os.link(stale, self.path)
+            except FileExistsError:
+                pass
+        os.unlink(stale)
+
+    def __exit__(self, *exc: object) -> None:
+        holder = read_holder(self.path)
+        if holder is not None and holder.pid == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def force_unlock(path: Path) -> Holder | None:
+    """Remove the lock whoever holds it; returns who held it."""
+    holder = read_holder(path)
+    path.unlink(missing_ok=True)
+    return holder

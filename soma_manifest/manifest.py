@@ -1,0 +1,146 @@
+"""The manifest: the user's desired state of one atlas. The only parser of manifest files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from soma_manifest.errors import ManifestError
+from soma_manifest.yamlio import LocatedYaml, load_yaml, pydantic_problems
+
+Format = Literal["mtx", "h5ad", "10x_h5"]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AtlasSpec(_Frozen):
+    name: str = Field(pattern=_NAME, description="Atlas name; the experiment lives at <storage>/<name>.")
+    storage: str = Field(description="Folder holding the atlas (relative to the manifest file).")
+
+
+class StorageSpec(_Frozen):
+    raw: str = Field(description="Raw data root: <raw>/<study>/<format>/<sample>...")
+    h5ad: str = Field(description="Where converted, standardized h5ad files are written.")
+    logs: str = Field(description="Where a log file per apply run is written.")
+    state: str | None = Field(default=None, description="State file; default <atlas.storage>/<atlas.name>.state.json.")
+
+
+class StudySpec(_Frozen):
+    name: str = Field(pattern=_NAME, description="Study folder name under storage.raw.")
+    format: Format = Field(default="mtx", description="mtx (Cell Ranger folders), h5ad, or 10x_h5.")
+    samples: list[str] | None = Field(
+        default=None, min_length=1, description="Samples to include (glob patterns allowed); default all."
+    )
+    exclude: list[str] = Field(default_factory=list, description="Samples to leave out (glob patterns allowed).")
+
+
+class Manifest(_Frozen):
+    """soma-manifest manifest, format version 1. Relative paths resolve against the manifest's folder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, title="soma-manifest manifest")
+
+    version: Literal[1] = Field(description="Manifest format version.")
+    atlas: AtlasSpec
+    schema_: str = Field(alias="schema", description="Atlas schema file (see schemas/default.yaml).")
+    storage: StorageSpec
+    processes: PositiveInt | None = Field(default=None, description="Default worker count for apply.")
+    studies: list[StudySpec] = Field(min_length=1)
+
+    @field_validator("studies")
+    @classmethod
+    def _unique_studies(cls, studies: list[StudySpec]) -> list[StudySpec]:
+        names = [s.name for s in studies]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"study listed twice: {', '.join(dupes)} (list each study once)")
+        return studies
+
+
+class LoadedManifest(BaseModel):
+    """A validated manifest with every path resolved, plus where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    spec: Manifest
+    digest: str
+    atlas_uri: Path
+    schema_path: Path
+    raw: Path
+    h5ad: Path
+    logs: Path
+    state_path: Path
+    # dotted location ("studies.1.samples.0") -> line in the manifest file, for located errors
+    lines: dict[str, int]
+
+    @property
+    def studies(self) -> list[StudySpec]:
+        return self.spec.studies
+
+    @property
+    def name(self) -> str:
+        return self.spec.atlas.name
+
+    def locate(self, loc: tuple[str | int, ...]) -> str:
+        """`file:line` of a manifest location (the nearest enclosing one that has a line)."""
+        for n in range(len(loc), 0, -1):
+            line = self.lines.get(".".join(map(str, loc[:n])))
+            if line is not None:
+                return f"{self.path}:{line}"
+        return str(self.path)
+
+
+def load_manifest(path: Path) -> LoadedManifest:
+    """Parse and validate a manifest; all problems are reported at once, each with its line."""
+    path = Path(path)
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ManifestError([f"{path}:1: a manifest is a YAML mapping with version, atlas, schema, storage and studies"])
+    try:
+        spec = Manifest.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ManifestError(pydantic_problems(doc, exc.errors())) from None
+    base = path.resolve().parent
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    atlas_root = resolve(spec.atlas.storage)
+    state = resolve(spec.storage.state) if spec.storage.state else atlas_root / f"{spec.atlas.name}.state.json"
+    return LoadedManifest(
+        path=path.resolve(),
+        spec=spec,
+        digest=hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
+        atlas_uri=atlas_root / spec.atlas.name,
+        schema_path=resolve(spec.schema_),
+        raw=resolve(spec.storage.raw),
+        h5ad=resolve(spec.storage.h5ad),
+        logs=resolve(spec.storage.logs),
+        state_path=state,
+        lines=_study_lines(doc, spec),
+    )
+
+
+def _study_lines(doc: LocatedYaml, spec: Manifest) -> dict[str, int]:
+    lines = {}
+    for i, study in enumerate(spec.studies):
+        lines[f"studies.{i}"] = doc.line_of(("studies", i))
+        for key in ("samples", "exclude"):
+            for j, _ in enumerate(getattr(study, key) or []):
+                lines[f"studies.{i}.{key}.{j}"] = doc.line_of(("studies", i, key, j))
+    return lines
+
+
+def manifest_json_schema() -> dict:
+    """The JSON Schema of the manifest format, for editors and CI validation."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://soma-manifest.invalid/manifest.schema.json"
+    return schema

@@ -1,0 +1,292 @@
+"""The plan: what apply will do to each sample, and why. Pure data; no tiledbsoma here.
+
+`observe` looks at raw storage (read-only); `make_plan` is a pure function of the manifest,
+the schema, those observations and the state. `plan` renders the Plan that `apply` executes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from soma_manifest.errors import SchemaError, SomaManifestError
+from soma_manifest.manifest import LoadedManifest
+from soma_manifest.schema import AtlasSchema
+from soma_manifest.sources import (
+    SampleSource,
+    content_digest,
+    discover,
+    metadata_digests,
+    metadata_stats,
+    sample_files,
+    stat_files,
+)
+from soma_manifest.state import FileStamp, State, StudyCache
+
+PLAN_FORMAT_VERSION = 1
+Kind = Literal["add", "replace", "update", "ingest", "resume", "retry", "remove", "cleanup", "invalid"]
+#: Display order of kinds and their symbols (Terraform-like).
+KINDS: dict[str, str] = {
+    "add": "+", "replace": "-/+", "update": "~", "ingest": ">", "resume": ">", "retry": "!",
+    "remove": "-", "cleanup": "-", "invalid": "x",
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Action(_Frozen):
+    """One sample's change. `steps` is what apply runs, in order."""
+
+    key: str
+    kind: Kind
+    reason: str
+    steps: tuple[str, ...]
+    study: str | None = None
+    sample: str | None = None
+    format: str | None = None
+    path: str | None = None
+    cells: int | None = None  # known for samples already converted or in the atlas
+    nnz: int | None = None
+    delete_range: tuple[int, int] | None = None  # cells removed before anything is written
+    raw_digest: str | None = None
+    meta_digest: str | None = None
+    raw_files: tuple[FileStamp, ...] = ()
+
+    @property
+    def converts(self) -> bool:
+        return "convert" in self.steps or "convert_metadata" in self.steps
+
+    @property
+    def ingests(self) -> bool:
+        return "ingest" in self.steps
+
+    @property
+    def deletes_cells(self) -> bool:
+        """Cells leave the atlas for good (not replaced by a new version)."""
+        return self.kind in ("remove",) and bool(self.cells)
+
+    def source(self) -> SampleSource:
+        assert self.study and self.sample and self.format and self.path
+        return SampleSource(self.study, self.sample, self.format, Path(self.path))
+
+
+class Summary(_Frozen):
+    samples: int
+    unchanged: int
+    actions: dict[str, int]
+    steps: int
+    cells_added_known: int
+    cells_deleted: int
+    failed_expected: int
+
+
+class Plan(_Frozen):
+    """Everything apply needs to check that what it runs is what was reviewed."""
+
+    format_version: int = PLAN_FORMAT_VERSION
+    kind: Literal["soma-manifest-plan"] = "soma-manifest-plan"
+    created_at: str
+    manifest: str
+    manifest_digest: str
+    schema_path: str
+    schema_structure: str
+    schema_conversion: str
+    atlas: str
+    state: str
+    lineage: str | None
+    serial: int | None
+    create_atlas: bool
+    actions: tuple[Action, ...]
+    unchanged: tuple[str, ...]
+    summary: Summary
+
+    @property
+    def has_changes(self) -> bool:
+        return self.create_atlas or bool(self.actions)
+
+    def comparable(self) -> dict:
+        """The parts that must match between a saved plan and the one computed at apply time."""
+        return self.model_dump(exclude={"created_at", "summary"})
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What raw storage holds for one selected sample right now."""
+
+    source: SampleSource
+    files: tuple[FileStamp, ...] = ()
+    raw_digest: str = ""
+    meta_digest: str = ""
+    h5ad_present: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observations:
+    samples: dict[str, Observed]
+    study_caches: dict[str, StudyCache]
+
+
+def observe(manifest: LoadedManifest, state: State | None) -> Observations:
+    """Discover the selected samples and fingerprint them, reusing the state's digests when stats match."""
+    sources = discover(manifest)
+    previous = state.samples if state else {}
+    by_study: dict[str, list[SampleSource]] = {}
+    for src in sources:
+        by_study.setdefault(src.study, []).append(src)
+    caches = {study: _study_cache(manifest, study, [s.sample for s in srcs], state)
+              for study, srcs in by_study.items()}
+    observed = {}
+    for src in sources:
+        meta = caches[src.study].digests[src.sample]
+        observed[src.key] = _observe_sample(manifest, src, meta, previous.get(src.key))
+    return Observations(observed, caches)
+
+
+def _study_cache(manifest: LoadedManifest, study: str, samples: list[str], state: State | None) -> StudyCache:
+    stats = [FileStamp(path=s.path, size=s.size, mtime_ns=s.mtime_ns) for s in metadata_stats(manifest.raw, study)]
+    cached = state.studies.get(study) if state else None
+    if cached is not None and cached.stats == stats and all(s in cached.digests for s in samples):
+        return StudyCache(stats=stats, digests={s: cached.digests[s] for s in samples})
+    return StudyCache(stats=stats, digests=metadata_digests(manifest.raw, study, samples))
+
+
+def _observe_sample(manifest: LoadedManifest, src: SampleSource, meta: str, prev) -> Observed:
+    try:
+        paths = sample_files(src)
+        stamps = tuple(FileStamp(path=s.path, size=s.size, mtime_ns=s.mtime_ns)
+                       for s in stat_files(paths, manifest.raw))
+        if prev is not None and tuple(prev.raw_files) == stamps and prev.raw_digest:
+            digest = prev.raw_digest
+        else:
+            digest = content_digest(paths, manifest.raw)
+    except SomaManifestError as exc:
+        return Observed(src, meta_digest=meta, error=exc.render())
+    h5ad_present = bool(prev and prev.h5ad and os.path.exists(prev.h5ad))
+    return Observed(src, stamps, digest, meta, h5ad_present)
+
+
+def check_structure(schema: AtlasSchema, state: State | None, schema_path: Path) -> None:
+    """A schema whose array layout differs from the atlas' cannot be applied in place."""
+    if state is None or not state.structure or state.structure == schema.structure:
+        return
+    raise SchemaError(
+        "the schema changes the atlas structure (obs/var columns, their types, X layers, measurement or "
+        "gene universe); an existing atlas is never migrated in place",
+        where=schema_path,
+        hint="revert that part of the schema, or build a new atlas: give atlas.name a new name in the manifest "
+             "and apply (the old atlas stays untouched)",
+    )
+
+
+def make_plan(manifest: LoadedManifest, schema: AtlasSchema, observations: Observations,
+              state: State | None, atlas_present: bool) -> Plan:
+    """Pure: diff the desired samples against the state."""
+    check_structure(schema, state, manifest.schema_path)
+    samples = state.samples if state else {}
+    actions: list[Action] = []
+    unchanged: list[str] = []
+    for key, obs in observations.samples.items():
+        action = _sample_action(obs, samples.get(key), schema)
+        if action is None:
+            unchanged.append(key)
+        else:
+            actions.append(action)
+    for key, prev in samples.items():
+        if key not in observations.samples:
+            actions.append(_removal(key, prev))
+    for start, stop in (state.orphans if state else []):
+        actions.append(Action(key=f"(orphans)/{start}-{stop}", kind="cleanup", steps=("delete",),
+                              reason="cells left by an interrupted replace or removal",
+                              cells=stop - start, delete_range=(start, stop)))
+    actions.sort(key=lambda a: a.key)
+    return Plan(
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        manifest=str(manifest.path),
+        manifest_digest=manifest.digest,
+        schema_path=str(manifest.schema_path),
+        schema_structure=schema.structure,
+        schema_conversion=schema.conversion,
+        atlas=str(manifest.atlas_uri),
+        state=str(manifest.state_path),
+        lineage=state.lineage if state else None,
+        serial=state.serial if state else None,
+        create_atlas=not atlas_present,
+        actions=tuple(actions),
+        unchanged=tuple(sorted(unchanged)),
+        summary=_summarize(actions, len(observations.samples), len(unchanged)),
+    )
+
+
+def _sample_action(obs: Observed, prev, schema: AtlasSchema) -> Action | None:
+    src = obs.source
+    base = dict(key=src.key, study=src.study, sample=src.sample, format=src.format, path=str(src.path),
+                raw_digest=obs.raw_digest, meta_digest=obs.meta_digest, raw_files=obs.files)
+    if obs.error:
+        return Action(kind="invalid", reason=obs.error, steps=(), **base)
+    if prev is None:
+        return Action(kind="add", reason="new sample", steps=("convert", "ingest"), **base)
+    h5ad_current = (prev.converted and obs.h5ad_present and prev.raw_digest == obs.raw_digest
+                    and prev.conversion == schema.conversion and prev.meta_digest == obs.meta_digest)
+    in_atlas = prev.joinids if prev.ingest != "none" else None
+    steps = (() if h5ad_current else ("convert",)) + ("ingest",)
+    known = dict(cells=prev.cells, nnz=prev.nnz) if h5ad_current else {}
+    if prev.failed_step:
+        return Action(kind="retry", reason=f"failed last run ({prev.failed_step}): {prev.error}", steps=steps,
+                      delete_range=in_atlas, **known, **base)
+    if prev.ingest == "allocated":
+        return Action(kind="resume", reason="interrupted during ingest", steps=steps, delete_range=in_atlas,
+                      **known, **base)
+    if prev.ingest == "none":
+        reason = "converted but not ingested" if h5ad_current else "not converted yet (interrupted or h5ad missing)"
+        return Action(kind="ingest", reason=reason, steps=steps, **known, **base)
+    if prev.atlas_raw_digest != obs.raw_digest or prev.atlas_conversion != schema.conversion:
+        why = (_changed_files(prev.raw_files, obs.files) if prev.atlas_raw_digest != obs.raw_digest
+               else "schema conversion changed")
+        return Action(kind="replace", reason=why, steps=steps, delete_range=in_atlas, **known, **base)
+    if prev.atlas_meta_digest != obs.meta_digest:
+        # Re-joining metadata onto the existing h5ad skips parsing the raw matrix; h5ad inputs carry
+        # their own annotations, so those re-convert.
+        cheap = obs.h5ad_present and prev.converted and src.format != "h5ad"
+        return Action(kind="update", reason="cell or sample metadata changed",
+                      steps=("convert_metadata" if cheap else "convert", "write_obs"),
+                      cells=prev.atlas_cells, nnz=prev.atlas_nnz, **base)
+    return None
+
+
+def _changed_files(before: list[FileStamp], after: tuple[FileStamp, ...]) -> str:
+    old = {f.path: f for f in before}
+    new = {f.path: f for f in after}
+    names = sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
+    shown = ", ".join(Path(p).name for p in names[:3]) or "content"
+    return f"raw data changed: {shown}"
+
+
+def _removal(key: str, prev) -> Action:
+    in_atlas = prev.joinids if prev.ingest != "none" else None
+    where = "no longer selected by the manifest, or its raw data is gone"
+    return Action(key=key, kind="remove", reason=where, steps=("delete",) if in_atlas else ("forget",),
+                  study=prev.study, sample=prev.sample, format=prev.format, delete_range=in_atlas,
+                  cells=prev.atlas_cells if in_atlas else 0, nnz=prev.atlas_nnz if in_atlas else 0)
+
+
+def _summarize(actions: list[Action], samples: int, unchanged: int) -> Summary:
+    counts: dict[str, int] = {}
+    for a in actions:
+        counts[a.kind] = counts.get(a.kind, 0) + 1
+    return Summary(
+        samples=samples,
+        unchanged=unchanged,
+        actions={k: counts[k] for k in KINDS if k in counts},
+        steps=sum(len(a.steps) for a in actions),
+        cells_added_known=sum(a.cells or 0 for a in actions if a.ingests),
+        cells_deleted=sum(a.cells or 0 for a in actions if a.kind in ("remove", "cleanup")),
+        failed_expected=counts.get("invalid", 0),
+    )

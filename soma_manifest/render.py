@@ -1,0 +1,132 @@
+"""Plans and ledgers as text (rich markup), markdown and JSON. Returns strings; never prints."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from rich.markup import escape
+
+from soma_manifest.plan import KINDS, Action, Plan
+from soma_manifest.state import State
+
+_STYLE = {"add": "green", "replace": "yellow", "update": "cyan", "ingest": "green", "resume": "magenta",
+          "retry": "magenta", "remove": "red", "cleanup": "red", "invalid": "bold red"}
+_VERB = {"add": "to add", "replace": "to replace", "update": "to update", "ingest": "to ingest",
+         "resume": "to resume", "retry": "to retry", "remove": "to remove", "cleanup": "orphan ranges to delete",
+         "invalid": "unreadable"}
+FOLD_AFTER = 50  # markdown: longer groups go into a <details> block
+
+
+def _cells(action: Action) -> str:
+    parts = []
+    if action.cells is not None:
+        parts.append(f"{action.cells:,} cells")
+    if action.delete_range is not None and action.kind not in ("remove", "cleanup"):
+        parts.append(f"replaces joinids {action.delete_range[0]}-{action.delete_range[1]}")
+    return ", ".join(parts)
+
+
+def summary_line(plan: Plan) -> str:
+    s = plan.summary
+    if not plan.has_changes:
+        return f"No changes. {s.samples} samples, all up to date."
+    counts = ", ".join(f"{n} {_VERB[k]}" for k, n in s.actions.items())
+    created = "create the atlas; " if plan.create_atlas else ""
+    cells = f"; {s.cells_deleted:,} cells deleted" if s.cells_deleted else ""
+    return f"Plan: {created}{counts}; {s.unchanged} unchanged; {s.steps} steps{cells}."
+
+
+def plan_text(plan: Plan, *, verbose: bool = False) -> str:
+    lines = [f"soma-manifest plan for {escape(plan.manifest)}",
+             f"  atlas {escape(plan.atlas)} (state serial {plan.serial if plan.serial is not None else 'none'})", ""]
+    if plan.create_atlas:
+        lines.append(f"  [green]+ create atlas[/] {escape(plan.atlas)}")
+    width = max((len(a.key) for a in plan.actions), default=0)
+    for a in plan.actions:
+        style = _STYLE[a.kind]
+        symbol = KINDS[a.kind]
+        steps = " -> ".join(a.steps) if a.steps else "none"
+        extra = _cells(a)
+        lines.append(f"  [{style}]{symbol:>3} {escape(a.key):<{width}}  {a.kind:<8}[/] {escape(a.reason)}"
+                     + (f"  [dim]({extra})[/]" if extra else "") + f"  [dim]steps: {steps}[/]")
+    if verbose:
+        for key in plan.unchanged:
+            lines.append(f"  [dim]  = {escape(key)}  up to date[/]")
+    if plan.actions or plan.create_atlas:
+        lines.append("")
+    lines.append(f"[bold]{summary_line(plan)}[/]")
+    if any(a.kind == "remove" and a.cells for a in plan.actions):
+        lines.append("[red]This plan deletes cells: apply needs --allow-delete.[/]")
+    return "\n".join(lines)
+
+
+def plan_markdown(plan: Plan) -> str:
+    out = [f"### soma-manifest plan: `{plan.atlas.rsplit('/', 1)[-1]}`", "", f"**{summary_line(plan)}**", ""]
+    if plan.create_atlas:
+        out += ["- The atlas will be created.", ""]
+    groups: dict[str, list[Action]] = {}
+    for a in plan.actions:
+        groups.setdefault(a.kind, []).append(a)
+    for kind in KINDS:
+        if kind not in groups:
+            continue
+        rows = ["| sample | reason | cells | steps |", "|---|---|---|---|"]
+        rows += [f"| `{a.key}` | {_md(a.reason)} | {a.cells if a.cells is not None else ''} | {' → '.join(a.steps)} |"
+                 for a in groups[kind]]
+        title = f"{KINDS[kind]} {kind}: {len(groups[kind])}"
+        if len(groups[kind]) > FOLD_AFTER:
+            out += [f"<details><summary>{title}</summary>", "", *rows, "", "</details>", ""]
+        else:
+            out += [f"#### {title}", "", *rows, ""]
+    if any(a.kind == "remove" and a.cells for a in plan.actions):
+        out += ["> **This plan deletes cells**: apply with `--allow-delete`.", ""]
+    return "\n".join(out)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def plan_json(plan: Plan) -> str:
+    return plan.model_dump_json(indent=1)
+
+
+def ledger_rows(state: State) -> list[dict]:
+    rows = []
+    for key in sorted(state.samples):
+        s = state.samples[key]
+        rows.append({
+            "key": key, "format": s.format, "converted": s.converted, "ingest": s.ingest,
+            "cells": s.atlas_cells if s.ingest == "done" else s.cells,
+            "nnz": s.atlas_nnz if s.ingest == "done" else s.nnz,
+            "joinids": list(s.joinids) if s.joinids else None,
+            "ingested_at": s.ingested_at, "failed_step": s.failed_step, "error": s.error, "h5ad": s.h5ad,
+        })
+    return rows
+
+
+def ledger_json(state: State) -> str:
+    return json.dumps({"format_version": 1, "lineage": state.lineage, "serial": state.serial,
+                       "atlas": state.atlas, "samples": ledger_rows(state)}, indent=1)
+
+
+def ledger_text(state: State) -> str:
+    rows = ledger_rows(state)
+    head = f"{'sample':<40} {'status':<10} {'cells':>9} {'nnz':>12}  joinids"
+    lines = [f"atlas {escape(state.atlas)} (lineage {state.lineage}, serial {state.serial})", head]
+    for r in rows:
+        status = "failed" if r["failed_step"] else r["ingest"]
+        joinids = f"{r['joinids'][0]}-{r['joinids'][1]}" if r["joinids"] else ""
+        cells = f"{r['cells']:,}" if r["cells"] is not None else ""
+        nnz = f"{r['nnz']:,}" if r["nnz"] is not None else ""
+        lines.append(f"{escape(r['key']):<40} {status:<10} {cells:>9} {nnz:>12}  {joinids}")
+        if r["error"]:
+            lines.append(f"    [red]{escape(r['failed_step'])}: {escape(r['error'])}[/]")
+    total = sum(r["cells"] or 0 for r in rows if r["ingest"] == "done")
+    lines.append(f"{len(rows)} samples, {total:,} cells in the atlas")
+    return "\n".join(lines)
+
+
+def problems_text(problems: Iterable[str]) -> str:
+    return "\n".join(f"  - {escape(p)}" for p in problems)

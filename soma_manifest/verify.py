@@ -1,0 +1,101 @@
+"""Does the atlas really hold what the state says? Read-only checks, from cheap to deep."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from soma_manifest import atlas
+from soma_manifest.schema import AtlasSchema
+from soma_manifest.state import State
+
+
+def verify(uri: str, schema: AtlasSchema, state: State, *, deep: bool = False) -> list[str]:
+    """Every drift found, one readable line each; empty when the atlas matches the state."""
+    if not atlas.atlas_exists(uri):
+        return [f"the atlas {uri} does not exist"] if state.samples else []
+    problems = _structure(uri, schema, state)
+    if problems:
+        return problems
+    done = {k: s for k, s in sorted(state.samples.items()) if s.ingest == "done" and s.joinids}
+    for key, s in state.samples.items():
+        if s.ingest == "allocated":
+            problems.append(f"{key}: ingest was interrupted; run apply to finish it")
+    if state.orphans:
+        problems.append(f"{len(state.orphans)} joinid range(s) wait for deletion; run apply")
+    stats = atlas.range_stats(uri, schema, [s.joinids for s in done.values()])
+    for (key, s), got in zip(done.items(), stats):
+        if got.cells != s.atlas_cells or got.obs_ids != got.cells:
+            problems.append(f"{key}: {got.cells} cells ({got.obs_ids} distinct obs ids) in joinids "
+                            f"{s.joinids[0]}-{s.joinids[1]}, the state expects {s.atlas_cells}")
+        if got.nnz != s.atlas_nnz:
+            problems.append(f"{key}: {got.nnz} nonzero counts, the state expects {s.atlas_nnz}")
+    known = state.known_ranges()
+    outside = atlas.obs_joinids_outside(uri, known)
+    if outside:
+        problems.append(f"cells outside every range the state knows (orphans), e.g. joinids {outside[:5]}")
+    stray = atlas.count_x_outside(uri, schema, known)
+    if stray:
+        problems.append(f"{stray} X entries outside every range the state knows")
+    if deep:
+        for key, s in done.items():
+            problems.extend(_compare_with_h5ad(uri, schema, key, s))
+    return problems
+
+
+def _structure(uri: str, schema: AtlasSchema, state: State) -> list[str]:
+    problems = []
+    lineage = atlas.read_lineage(uri)
+    if lineage is not None and lineage != state.lineage:
+        problems.append(f"the atlas has lineage {lineage}, the state {state.lineage}: they do not belong together")
+    if atlas.read_structure(uri) != schema.structure:
+        problems.append("the atlas structure does not match the schema (columns, types or layers differ)")
+    obs_cols, var_cols, layers = atlas.column_names(uri, schema)
+    for name in [c.name for c in schema.obs] + ["obs_id"]:
+        if name not in obs_cols:
+            problems.append(f"obs column '{name}' is missing from the atlas")
+    for name in [c.name for c in schema.var] + ["var_id"]:
+        if name not in var_cols:
+            problems.append(f"var column '{name}' is missing from the atlas")
+    for layer in schema.layers:
+        if layer.name not in layers:
+            problems.append(f"X layer '{layer.name}' is missing from the atlas")
+    return problems
+
+
+def _compare_with_h5ad(uri: str, schema: AtlasSchema, key: str, s) -> list[str]:
+    import anndata as ad
+
+    if not s.h5ad:
+        return [f"{key}: no h5ad recorded; cannot compare deeply"]
+    try:
+        expected = ad.read_h5ad(s.h5ad)
+    except OSError as exc:
+        return [f"{key}: cannot read its h5ad {s.h5ad}: {exc}"]
+    got = atlas.read_sample(uri, schema, *s.joinids)
+    got.obs_names = got.obs["obs_id"].astype(str).to_numpy() if "obs_id" in got.obs else got.obs_names
+    if sorted(got.obs_names) != sorted(expected.obs_names):
+        return [f"{key}: obs ids in the atlas differ from its h5ad"]
+    got = got[expected.obs_names]
+    var_ids = got.var["var_id"].astype(str).to_numpy() if "var_id" in got.var else got.var_names.to_numpy()
+    position = {v: i for i, v in enumerate(var_ids)}
+    missing = [v for v in expected.var_names if v not in position]
+    if missing:
+        return [f"{key}: genes missing from the atlas var: {missing[:5]}"]
+    cols = np.array([position[v] for v in expected.var_names], dtype=np.int64)
+    got_x = sp.csr_matrix(got.X)
+    coo = sp.coo_matrix(expected.X)
+    expected_x = sp.csr_matrix((coo.data, (coo.row, cols[coo.col])), shape=got_x.shape)
+    problems = []
+    if (got_x != expected_x).nnz:
+        problems.append(f"{key}: X counts in the atlas differ from its h5ad")
+    for col in schema.obs:
+        a = got.obs[col.name].to_numpy()
+        b = expected.obs[col.name].to_numpy()
+        if col.type.startswith("float"):
+            same = np.allclose(a.astype(float), b.astype(float), equal_nan=True)
+        else:
+            same = np.array_equal(a.astype(str), b.astype(str))
+        if not same:
+            problems.append(f"{key}: obs column '{col.name}' differs from its h5ad")
+    return problems
