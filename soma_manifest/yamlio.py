@@ -71,7 +71,7 @@ def pydantic_problems(doc: LocatedYaml, errors: list[dict[str, Any]]) -> list[st
 def _explain(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key (check its spelling; see the manifest reference in README.md)"
+        return "unknown key (check its spelling; README.md lists the allowed keys)"
     if kind == "missing":
         return "required key is missing"
     msg = err["msg"]

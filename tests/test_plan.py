@@ -1,0 +1,77 @@
+"""The plan is pure: no writes, no storage-engine import, and one Plan for both plan and apply."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import Project, run_cli
+from soma_manifest.manifest import load_manifest
+from soma_manifest.plan import make_plan, observe
+from soma_manifest.schema import load_schema
+from soma_manifest.state import load_state, save_state
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _plan(project: Project):
+    manifest = load_manifest(project.manifest)
+    schema = load_schema(manifest.schema_path)
+    state = load_state(manifest.state_path)
+    return make_plan(manifest, schema, observe(manifest, state), state, manifest.atlas_uri.is_dir())
+
+
+def test_plan_imports_no_storage_engine_and_writes_nothing(project: Project) -> None:
+    assert run_cli("apply", project.manifest).returncode == 0
+    (project.raw / "study_a" / "mtx" / "s1" / "barcodes.tsv.gz").touch()  # stat changed: digests recomputed
+    before = _snapshot(project.root)
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['soma-manifest', 'plan', {str(project.manifest)!r}]\n"
+            "try:\n    runpy.run_module('soma_manifest', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('tiledbsoma', 'anndata', 'tiledb', 'scipy') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert "No changes" in out.stdout  # a touched file with the same content is not a change
+    assert _snapshot(project.root) == before
+
+
+def test_plan_reasons_follow_the_state(project: Project) -> None:
+    assert run_cli("apply", project.manifest).returncode == 0
+    state = load_state(project.state_path)
+    state.samples["study_a/s1"].ingest = "allocated"  # a run died mid-ingest
+    state.samples["study_a/s2"].ingest = "none"  # converted, not ingested
+    state.samples["study_b/s1"].failed_step, state.samples["study_b/s1"].error = "ingest", "boom"
+    save_state(state, project.state_path)
+    plan = _plan(project)
+    got = {a.key: (a.kind, a.reason, a.steps) for a in plan.actions}
+    assert got["study_a/s1"] == ("resume", "interrupted during ingest", ("ingest",))
+    assert got["study_a/s2"] == ("ingest", "converted but not ingested", ("ingest",))
+    assert got["study_b/s1"] == ("retry", "failed last run (ingest): boom", ("ingest",))
+    old = state.samples["study_a/s1"].joinids
+    assert next(a for a in plan.actions if a.key == "study_a/s1").delete_range == tuple(old)
+
+
+def test_plan_json_is_what_apply_executes(project: Project) -> None:
+    saved = project.root / "plan.json"
+    result = run_cli("plan", project.manifest, "--out", saved)
+    assert result.returncode == 0
+    plan = json.loads(saved.read_text())
+    assert plan["format_version"] == 1 and plan["create_atlas"] is True
+    assert [a["key"] for a in plan["actions"]] == sorted(project.samples)
+    applied = run_cli("apply", saved)
+    assert applied.returncode == 0, applied.stderr
+    for key in project.samples:
+        assert key in applied.stderr
+
+
+def test_text_plan_names_every_sample_and_summarizes(project: Project) -> None:
+    out = run_cli("plan", project.manifest).stdout
+    for key in project.samples:
+        assert f"+ {key}" in out
+    assert "Plan: create the atlas; 3 to add; 0 unchanged; 6 steps." in out
