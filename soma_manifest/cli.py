@@ -1,7 +1,9 @@
 """The soma-manifest command line. The only module that prints or exits.
 
-Exit codes: 0 success (and, for plan --detailed-exitcode, no changes); 1 error, failed
-samples or drift; 2 plan --detailed-exitcode with changes present.
+Exit codes: 0 success (for `plan --detailed-exitcode`: no changes); 2 only from
+`plan --detailed-exitcode`, when there are changes; 1 everything else that went wrong, usage
+errors and invalid manifests included, so that CI never reads an error as "changes present".
+Results go to stdout (machine-readable with --json); progress, logs and errors go to stderr.
 """
 
 from __future__ import annotations
@@ -11,41 +13,61 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from soma_manifest.errors import ManifestError, PlanError, SomaManifestError
 from soma_manifest.manifest import LoadedManifest, load_manifest, manifest_json_schema
-from soma_manifest.plan import Plan, make_plan, observe
+from soma_manifest.plan import PLAN_FORMAT_VERSION, Plan, atlas_present, make_plan, observe
 from soma_manifest.schema import AtlasSchema, load_schema
 from soma_manifest.state import load_state
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Terraform-style desired state for single-cell atlases in TileDB-SOMA.")
+try:  # recent typer vendors click; older releases use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 class Output:
-    """stdout for results (machine-readable when asked), stderr for progress and errors."""
+    """stdout for results, stderr for progress and errors; styles only on a terminal."""
 
-    color: bool | None = None  # None: only on a terminal
+    plain = False  # --no-color
+
+    @classmethod
+    def _console(cls, stderr: bool) -> Console:
+        plain = cls.plain or bool(os.environ.get("NO_COLOR"))
+        # force_terminal=False also beats FORCE_COLOR and drops bold/dim, not only colours.
+        return Console(stderr=stderr, highlight=False, soft_wrap=True, no_color=plain or None,
+                       force_terminal=False if plain else None)
 
     @classmethod
     def out(cls) -> Console:
-        return Console(no_color=cls.color is False or None, highlight=False, soft_wrap=True,
-                       force_terminal=False if cls.color is False else None)
+        return cls._console(stderr=False)
 
     @classmethod
     def err(cls) -> Console:
-        return Console(stderr=True, no_color=cls.color is False or None, highlight=False, soft_wrap=True,
-                       force_terminal=False if cls.color is False else None)
+        return cls._console(stderr=True)
+
+
+def _set_plain(value: bool) -> None:
+    if value:
+        Output.plain = True
+
+
+# Accepted before the command and after it (`soma-manifest plan M --no-color`, as in Terraform): every
+# command declares it; the callback acts on it, and the command never receives the value.
+NoColor = Annotated[bool, typer.Option("--no-color", help="Never use colours (also NO_COLOR=1).",
+                                       callback=_set_plain, expose_value=False)]
 
 
 @app.callback()
-def _options(no_color: bool = typer.Option(False, "--no-color", help="Never use colours.")) -> None:
-    if no_color or os.environ.get("NO_COLOR"):
-        Output.color = False
+def _options(no_color: NoColor = False) -> None:
+    """Terraform-style desired state for single-cell atlases in TileDB-SOMA."""
 
 
 def _guard(fn: Callable[[], int]) -> None:
@@ -54,7 +76,7 @@ def _guard(fn: Callable[[], int]) -> None:
         code = fn()
     except ManifestError as exc:
         err = Output.err()
-        err.print("[red]error:[/] invalid input", markup=True)
+        err.print("[red]error:[/] invalid input")
         for problem in exc.problems:
             err.print(f"  {problem}", markup=False)
         raise typer.Exit(1)
@@ -78,15 +100,25 @@ def _load(manifest_path: Path) -> tuple[LoadedManifest, AtlasSchema]:
 def _compute_plan(manifest: LoadedManifest, schema: AtlasSchema):
     state = load_state(manifest.state_path)
     observations = observe(manifest, state)
-    plan = make_plan(manifest, schema, observations, state, atlas_present=manifest.atlas_uri.is_dir())
-    return plan, observations, state
+    plan = make_plan(manifest, schema, observations, state, atlas_present=atlas_present(manifest.atlas_uri))
+    # The plan names its manifest relative to where plan ran (the repository root in CI), so that
+    # `apply plan.json` finds it in whichever checkout of the repository it runs.
+    return plan.model_copy(update={"manifest": _relative_to_cwd(manifest.path)}), observations, state
+
+
+def _relative_to_cwd(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 # --- commands ---------------------------------------------------------------------------------
 
 @app.command()
-def validate(manifests: list[Path] = typer.Argument(..., help="One or more manifest files.")) -> None:
-    """Check manifests, their schemas and raw layouts. Writes nothing."""
+def validate(manifests: list[Path] = typer.Argument(..., help="One or more manifest files."),
+             no_color: NoColor = False) -> None:
+    """Check manifests, their schemas and raw layouts. Writes nothing. Exit 1 if any is invalid."""
     from soma_manifest.sources import discover, sample_files
 
     def run() -> int:
@@ -130,55 +162,76 @@ class PlanFormat(str, Enum):
 def plan(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
-    fmt: PlanFormat = typer.Option(PlanFormat.text, "--format", help="text, json or markdown."),
+    fmt: Optional[PlanFormat] = typer.Option(None, "--format", help="text (default), json or markdown."),
     out: Optional[Path] = typer.Option(None, "--out", help="Save the plan (JSON) for `apply PLAN.json`."),
     detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode",
                                            help="Exit 0 with no changes, 2 with changes, 1 on error."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the samples that are up to date."),
+    no_color: NoColor = False,
 ) -> None:
     """Show what apply would do to each sample, and why. Writes nothing (but --out)."""
     from soma_manifest import render
+
+    if as_json and fmt not in (None, PlanFormat.json):
+        raise typer.BadParameter("--json and --format markdown/text exclude each other", param_hint="--json")
+    chosen = PlanFormat.json if as_json else fmt or PlanFormat.text
 
     def run() -> int:
         manifest, schema = _load(manifest_path)
         the_plan, _, _ = _compute_plan(manifest, schema)
         if out is not None:
-            _write_plan(the_plan, out)
+            _write_plan(render.plan_json(the_plan), out)
             Output.err().print(f"Saved the plan to {_escape(str(out))}; apply it with "
-                               f"`soma-manifest apply {_escape(str(out))}`.")
-        chosen = PlanFormat.json if as_json else fmt
+                               f"`soma-manifest apply {_escape(str(out))}` from this directory.")
         if chosen is PlanFormat.json:
             sys.stdout.write(render.plan_json(the_plan) + "\n")
         elif chosen is PlanFormat.markdown:
             sys.stdout.write(render.plan_markdown(the_plan) + "\n")
         else:
             Output.out().print(render.plan_text(the_plan, verbose=verbose))
-        if detailed_exitcode:
-            return 2 if the_plan.has_changes else 0
-        return 0
+        return 2 if detailed_exitcode and the_plan.has_changes else 0
 
     _guard(run)
 
 
-def _write_plan(the_plan: Plan, path: Path) -> None:
+def _write_plan(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(the_plan.model_dump_json(indent=1))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PlanError(f"cannot save the plan: {exc.strerror}", where=path) from None
 
 
 def _read_saved_plan(path: Path) -> Plan | None:
-    """The saved plan at `path`, or None when `path` is a manifest."""
+    """The plan saved at `path`, or None when `path` is a manifest (anything that is not a saved plan)."""
     if path.suffix.lower() in (".yaml", ".yml"):
         return None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return None  # the manifest loader says what is wrong with it
     if not isinstance(data, dict) or data.get("kind") != "soma-manifest-plan":
         return None
-    if data.get("format_version") != 1:
-        raise PlanError(f"plan format version {data.get('format_version')} is not supported", where=path)
-    return Plan.model_validate(data)
+    if data.get("format_version") != PLAN_FORMAT_VERSION:
+        raise PlanError(f"plan format version {data.get('format_version')} is not supported (this soma-manifest "
+                        f"reads version {PLAN_FORMAT_VERSION})", where=path,
+                        hint="make the plan with the soma-manifest that applies it")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PlanError(f"not a valid plan: {'.'.join(map(str, first['loc']))}: {first['msg']}", where=path,
+                        hint="make it again with `soma-manifest plan --out`") from None
+
+
+def _saved_manifest(saved: Plan) -> Path:
+    path = Path(saved.manifest)
+    if not path.is_file():
+        raise PlanError(f"the plan's manifest {saved.manifest} is not found here", where=Path.cwd(),
+                        hint="run apply in the directory plan ran in (in CI: the repository root)")
+    return path
 
 
 @app.command()
@@ -189,8 +242,9 @@ def apply(
                                             help="Worker processes (default: manifest's, else CPU count)."),
     allow_delete: bool = typer.Option(False, "--allow-delete", help="Allow deleting the cells of removed samples."),
     chunk_nnz: int = typer.Option(5_000_000, "--chunk-nnz", min=1000, hidden=True),
+    no_color: NoColor = False,
 ) -> None:
-    """Make the atlas match the manifest: run exactly the steps `plan` shows."""
+    """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
     from soma_manifest import apply as executor
     from soma_manifest import render
     from soma_manifest.lock import AtlasLock, lock_path
@@ -198,13 +252,14 @@ def apply(
 
     def run() -> int:
         saved = _read_saved_plan(target)
-        manifest, schema = _load(Path(saved.manifest) if saved else target)
+        manifest, schema = _load(_saved_manifest(saved) if saved else target)
+        err = Output.err()
         with AtlasLock(lock_path(manifest.state_path)):
             the_plan, observations, state = _compute_plan(manifest, schema)
             if saved is not None:
                 executor.check_saved_plan(saved, the_plan)
+                err.print(f"Applying the plan saved at {saved.created_at} ({_escape(str(target))}).")
             state = executor.open_state(manifest, state, schema)
-            err = Output.err()
             if not the_plan.has_changes:
                 err.print(f"No changes: {the_plan.summary.samples} samples up to date. Nothing to do.")
                 return 0
@@ -237,6 +292,7 @@ def _print_report(report, manifest: LoadedManifest) -> None:
 def verify(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
     deep: bool = typer.Option(False, "--deep", help="Also compare every sample's X and obs with its h5ad."),
+    no_color: NoColor = False,
 ) -> None:
     """Check that the atlas holds exactly what the state says. Exit 1 on drift."""
     from soma_manifest.verify import verify as run_verify
@@ -272,6 +328,7 @@ def show(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable ledger."),
     summary: bool = typer.Option(False, "--summary", help="Summarize the atlas itself (cells, genes, samples)."),
+    no_color: NoColor = False,
 ) -> None:
     """The per-sample ledger from the state."""
     from soma_manifest import render
@@ -298,7 +355,7 @@ def show(
 
 
 @app.command()
-def unlock(manifest_path: Path = typer.Argument(..., metavar="MANIFEST")) -> None:
+def unlock(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_color: NoColor = False) -> None:
     """Remove the atlas lock deliberately (after making sure no apply is running)."""
     from soma_manifest.lock import force_unlock, lock_path
 
@@ -314,11 +371,26 @@ def unlock(manifest_path: Path = typer.Argument(..., metavar="MANIFEST")) -> Non
     _guard(run)
 
 
+class SchemaOf(str, Enum):
+    manifest = "manifest"
+    plan = "plan"
+
+
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of the manifest format (schemas/manifest.schema.json)."""
-    sys.stdout.write(json.dumps(manifest_json_schema(), indent=2) + "\n")
+def schema(of: SchemaOf = typer.Argument(SchemaOf.manifest, help="manifest (default) or plan."),
+           no_color: NoColor = False) -> None:
+    """Print a JSON Schema: of the manifest (schemas/manifest.schema.json) or of plans (schemas/plan.schema.json)."""
+    from soma_manifest import render
+
+    doc = manifest_json_schema() if of is SchemaOf.manifest else render.plan_json_schema()
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def main() -> None:
-    app()
+    # Not standalone: click would exit 2 on a usage error, which `plan --detailed-exitcode` means "changes".
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as exc:
+        exc.show()
+        code = 1
+    sys.exit(code or 0)

@@ -7,7 +7,7 @@ from typing import Iterable
 
 from rich.markup import escape
 
-from soma_manifest.plan import KINDS, Action, Plan
+from soma_manifest.plan import KINDS, PLAN_FORMAT_VERSION, Action, Plan
 from soma_manifest.state import State
 
 _STYLE = {"add": "green", "replace": "yellow", "update": "cyan", "ingest": "green", "resume": "magenta",
@@ -15,7 +15,8 @@ _STYLE = {"add": "green", "replace": "yellow", "update": "cyan", "ingest": "gree
 _VERB = {"add": "to add", "replace": "to replace", "update": "to update", "ingest": "to ingest",
          "resume": "to resume", "retry": "to retry", "remove": "to remove", "cleanup": "orphan ranges to delete",
          "invalid": "unreadable"}
-FOLD_AFTER = 50  # markdown: longer groups go into a <details> block
+FOLD_AFTER = 20  # markdown: a longer group goes into a collapsed <details> block
+MAX_ROWS = 200  # markdown: rows shown per group (a GitHub comment holds at most 65,536 characters)
 
 
 def _cells(action: Action) -> str:
@@ -62,25 +63,30 @@ def plan_text(plan: Plan, *, verbose: bool = False) -> str:
 
 
 def plan_markdown(plan: Plan) -> str:
-    out = [f"### soma-manifest plan: `{plan.atlas.rsplit('/', 1)[-1]}`", "", f"**{summary_line(plan)}**", ""]
-    if plan.create_atlas:
-        out += ["- The atlas will be created.", ""]
+    """A pull-request comment: summary first, then a table per kind; long tables folded, longer ones cut."""
+    serial = plan.serial if plan.serial is not None else "none"
+    out = [f"### soma-manifest plan for `{_md(plan.manifest)}`", "", f"**{summary_line(plan)}**", "",
+           f"Atlas `{_md(plan.atlas)}`, state serial {serial}.", ""]
+    deleting = [a for a in plan.actions if a.deletes_cells]
+    if deleting:
+        cells = sum(a.cells or 0 for a in deleting)
+        out += [f"> **This plan deletes {cells:,} cells of {len(deleting)} removed sample(s)**: "
+                "apply it with `--allow-delete`.", ""]
     groups: dict[str, list[Action]] = {}
     for a in plan.actions:
         groups.setdefault(a.kind, []).append(a)
-    for kind in KINDS:
-        if kind not in groups:
-            continue
-        rows = ["| sample | reason | cells | steps |", "|---|---|---|---|"]
-        rows += [f"| `{a.key}` | {_md(a.reason)} | {a.cells if a.cells is not None else ''} | {' → '.join(a.steps)} |"
-                 for a in groups[kind]]
-        title = f"{KINDS[kind]} {kind}: {len(groups[kind])}"
-        if len(groups[kind]) > FOLD_AFTER:
-            out += [f"<details><summary>{title}</summary>", "", *rows, "", "</details>", ""]
+    for kind in (k for k in KINDS if k in groups):
+        actions = groups[kind]
+        rows = ["| sample | reason | cells | steps |", "|---|---|--:|---|"]
+        rows += [f"| `{_md(a.key)}` | {_md(a.reason)} | {f'{a.cells:,}' if a.cells is not None else ''} "
+                 f"| {' → '.join(a.steps)} |" for a in actions[:MAX_ROWS]]
+        if len(actions) > MAX_ROWS:
+            rows.append(f"| … | {len(actions) - MAX_ROWS:,} more: see the JSON plan | | |")
+        title = f"{KINDS[kind]} {kind}: {len(actions)}"
+        if len(actions) > FOLD_AFTER:
+            out += [f"<details><summary><b>{title}</b></summary>", "", *rows, "", "</details>", ""]
         else:
             out += [f"#### {title}", "", *rows, ""]
-    if any(a.kind == "remove" and a.cells for a in plan.actions):
-        out += ["> **This plan deletes cells**: apply with `--allow-delete`.", ""]
     return "\n".join(out)
 
 
@@ -89,7 +95,17 @@ def _md(text: str) -> str:
 
 
 def plan_json(plan: Plan) -> str:
+    """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
     return plan.model_dump_json(indent=1)
+
+
+def plan_json_schema() -> dict:
+    """The JSON Schema of the plan document, generated from the Plan model."""
+    schema = Plan.model_json_schema(mode="serialization")
+    schema["title"] = f"soma-manifest plan, format version {PLAN_FORMAT_VERSION}"
+    schema["properties"]["format_version"]["const"] = PLAN_FORMAT_VERSION  # a reader of v1 rejects other versions
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://soma-manifest.invalid/plan.schema.json", **schema}
 
 
 def ledger_rows(state: State) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Project, run_cli
 from soma_manifest.manifest import load_manifest
-from soma_manifest.plan import make_plan, observe
+from soma_manifest.plan import atlas_present, make_plan, observe
 from soma_manifest.schema import load_schema
 from soma_manifest.state import load_state, save_state
 
@@ -23,7 +23,7 @@ def _plan(project: Project):
     manifest = load_manifest(project.manifest)
     schema = load_schema(manifest.schema_path)
     state = load_state(manifest.state_path)
-    return make_plan(manifest, schema, observe(manifest, state), state, manifest.atlas_uri.is_dir())
+    return make_plan(manifest, schema, observe(manifest, state), state, atlas_present(manifest.atlas_uri))
 
 
 def test_plan_imports_no_storage_engine_and_writes_nothing(project: Project) -> None:
