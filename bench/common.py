@@ -116,6 +116,7 @@ class WatchedRun:
     seconds: float
     parent_peak_bytes: int
     child_peak_bytes: int
+    other_cores: float  # mean cores kept busy by other processes of the machine meanwhile
     stdout: str
     stderr: str
 
@@ -132,6 +133,7 @@ def run_watched(cmd: list[str], cwd: Path | None = None, poll_s: float = 0.05) -
     import psutil
 
     peaks: dict[int, int] = {}
+    busy_before, ours_before = _busy_cpu_s(), _children_cpu_s()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
@@ -145,6 +147,7 @@ def run_watched(cmd: list[str], cwd: Path | None = None, poll_s: float = 0.05) -
                 peaks[pid] = max(peaks.get(pid, 0), peak_rss_bytes(pid))
             time.sleep(poll_s)
         seconds = time.perf_counter() - start
+        others = (_busy_cpu_s() - busy_before) - (_children_cpu_s() - ours_before)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -154,6 +157,33 @@ def run_watched(cmd: list[str], cwd: Path | None = None, poll_s: float = 0.05) -
         seconds=seconds,
         parent_peak_bytes=peaks.get(proc.pid, 0),
         child_peak_bytes=max(children, default=0),
+        other_cores=max(0.0, others / seconds),
         stdout=stdout,
         stderr=stderr,
     )
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds all processes of the machine have run (user, nice, system, interrupts)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's finished (and reaped) descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_until_idle(max_wait_s: float, busy_cores: float = 0.2, sample_s: float = 3.0) -> float:
+    """Wait until other processes use less than ``busy_cores`` cores (measured over
+    ``sample_s``), at most ``max_wait_s``; return the last measured load in cores."""
+    import psutil
+
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = psutil.cpu_percent(interval=sample_s) / 100 * (os.cpu_count() or 1)
+        if load < busy_cores or time.monotonic() >= deadline:
+            return load

@@ -177,7 +177,7 @@ def _synthetic_symbol(rng: np.random.Generator) -> str:
 def make_genes(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
     """Ensembl-style ids and symbols; MT- genes in one block near the end, as in GRCh38
     feature files; about 24 repeated symbols per 33,539 genes (as in a real file)."""
-    curated = [g for g in (*RIBO_GENES, *KNOWN_GENES) if g][: max(0, n_genes - len(MT_GENES))]
+    curated = list(dict.fromkeys((*RIBO_GENES, *KNOWN_GENES)))[: max(0, n_genes - len(MT_GENES))]
     symbols: list[str] = list(curated)
     seen = set(symbols) | set(MT_GENES)
     while len(symbols) < n_genes - len(MT_GENES):

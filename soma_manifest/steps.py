@@ -28,6 +28,19 @@ class Outcome:
     detail: str | None = field(default=None, repr=False)  # traceback, for the log file only
 
 
+def peak_rss() -> int:
+    """This process' high-water RSS in bytes. VmHWM, not ru_maxrss: a loky worker (fork+exec)
+    inherits in ru_maxrss the parent's RSS at fork time, overstating an idle worker many times."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _run(key: str, step: str, fn: Callable[[], Any]) -> Outcome:
     start = time.perf_counter()
     try:
@@ -36,8 +49,7 @@ def _run(key: str, step: str, fn: Callable[[], Any]) -> Outcome:
         value, error, detail = None, exc.render(), traceback.format_exc()
     except Exception as exc:  # noqa: BLE001 - any failure of one sample is recorded, not fatal
         value, error, detail = None, f"{type(exc).__name__}: {exc}", traceback.format_exc()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return Outcome(key, step, error is None, time.perf_counter() - start, rss, value, error, detail)
+    return Outcome(key, step, error is None, time.perf_counter() - start, peak_rss(), value, error, detail)
 
 
 def convert_step(job, schema: AtlasSchema) -> Outcome:

@@ -211,7 +211,8 @@ def test_h5ad_study_fixed_gene_universe_and_extra_layers(tmp_path: Path) -> None
                       .replace("universe: union", "universe: fixed\n  file: genes.tsv")
                       .replace("  - {name: raw, type: int32, source: counts}",
                                "  - {name: raw, type: int32, source: counts}\n"
-                               "  - {name: normalized, type: float32, source: normalized}"))
+                               "  - {name: normalized, type: float32, source: normalized}\n"
+                               "  - {name: raw_by_gene, type: int32, source: counts, optimize: genes}"))
     project = Project(tmp_path)
     project.write_manifest("  - name: lung\n    format: h5ad\n", schema=schema)
     result = run_cli("apply", project.manifest)
@@ -226,3 +227,5 @@ def test_h5ad_study_fixed_gene_universe_and_extra_layers(tmp_path: Path) -> None
     totals = np.asarray(counts.sum(axis=1)).ravel()
     expected = sp.diags(np.where(totals > 0, 1e4 / np.maximum(totals, 1), 0)) @ counts
     np.testing.assert_allclose(rows.toarray(), expected.toarray(), rtol=1e-5)
+    by_gene = read_sample_as_user(project.atlas_uri, "lung", "donor1", layer="raw_by_gene")
+    assert (sp.csr_matrix(by_gene.X) != sp.csr_matrix(got.X)).nnz == 0, "the gene-optimized copy equals raw"
