@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import time
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from soma_manifest.manifest import LoadedManifest
 from soma_manifest.plan import Action, Observations, Plan
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import FileStamp, SampleState, State, now, save_state
-from soma_manifest.steps import Outcome, convert_step, ingest_step, write_obs_step
+from soma_manifest.steps import Outcome, convert_step, ingest_step, peak_rss, write_obs_step
 
 log = logging.getLogger("soma_manifest")
 DEFAULT_CHUNK_NNZ = 5_000_000
@@ -106,7 +105,7 @@ def open_state(manifest: LoadedManifest, state: State | None, schema: AtlasSchem
             raise StateError(f"the atlas {uri} exists but its state file does not", where=manifest.state_path,
                              hint=f"restore the state file (or {manifest.state_path.name}.backup), "
                                   "or point storage.state at it")
-        return State(atlas=uri, structure=schema.structure)
+        return State(atlas=uri, structure=schema.structure, structure_summary=schema.structure_summary())
     if present:
         lineage = atlas.read_lineage(uri)
         if lineage is not None and lineage != state.lineage:
@@ -119,25 +118,58 @@ def open_state(manifest: LoadedManifest, state: State | None, schema: AtlasSchem
     return state
 
 
+_REPLAN = "run `soma-manifest plan --out` again and review the new plan"
+
+
 def check_saved_plan(saved: Plan, current: Plan) -> None:
-    """Refuse a saved plan that no longer describes what apply would do."""
-    if saved.lineage != current.lineage or saved.serial != current.serial:
-        raise PlanError(f"the plan is stale: it was made against state serial {saved.serial} "
-                        f"(lineage {saved.lineage}), the state is now at serial {current.serial}"
-                        f" (lineage {current.lineage}); another apply has run since",
-                        where=current.state, hint="run `soma-manifest plan` again and review the new plan")
+    """Refuse a saved plan that no longer describes what apply would do now, saying why."""
+    if (saved.atlas, saved.state) != (current.atlas, current.state):
+        raise PlanError(f"the plan is for the atlas {saved.atlas} (state {saved.state}), but the manifest now "
+                        f"points at {current.atlas} (state {current.state})", where=current.manifest,
+                        hint="relative storage paths follow the manifest's folder: apply where the plan was made, "
+                             "or plan again")
+    if saved.lineage != current.lineage:
+        def state_of(lineage: str | None) -> str:
+            return f"the state of lineage {lineage}" if lineage else "no state file"
+
+        raise PlanError(f"the plan is stale: it was made against {state_of(saved.lineage)}, there is now "
+                        f"{state_of(current.lineage)}; the state file was created, replaced or removed since",
+                        where=current.state, hint=_REPLAN)
+    if saved.serial != current.serial:
+        raise PlanError(f"the plan is stale: it was made against state serial {saved.serial}, the state is now at "
+                        f"serial {current.serial}; another apply has run since", where=current.state, hint=_REPLAN)
     if saved.manifest_digest != current.manifest_digest:
         raise PlanError("the plan is stale: the manifest changed since it was made", where=current.manifest,
-                        hint="run `soma-manifest plan --out` again")
+                        hint=_REPLAN)
     if (saved.schema_structure, saved.schema_conversion) != (current.schema_structure, current.schema_conversion):
         raise PlanError("the plan is stale: the schema changed since it was made", where=current.schema_path,
-                        hint="run `soma-manifest plan --out` again")
+                        hint=_REPLAN)
     if saved.comparable() != current.comparable():
-        old = {a.key: a for a in saved.actions}
-        new = {a.key: a for a in current.actions}
-        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise PlanError(f"the plan is stale: raw data changed since it was made ({', '.join(differ[:5])})",
-                        where=current.manifest, hint="run `soma-manifest plan --out` again")
+        changes = _plan_changes(saved, current) or ["the samples to change differ"]
+        more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+        raise PlanError(f"the plan is stale: {'; '.join(changes[:5])}{more}", where=current.manifest, hint=_REPLAN)
+
+
+def _plan_changes(saved: Plan, current: Plan) -> list[str]:
+    """What would be done differently now, one phrase per sample."""
+    changes = []
+    if saved.create_atlas != current.create_atlas:
+        changes.append("the atlas was created since" if saved.create_atlas else "the atlas is gone")
+    old = {a.key: a for a in saved.actions}
+    new = {a.key: a for a in current.actions}
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key), new.get(key)
+        if before is None:
+            changes.append(f"{key} now needs {after.kind}")
+        elif after is None:
+            changes.append(f"{key} no longer needs {before.kind}")
+        elif before.raw_digest != after.raw_digest:
+            changes.append(f"raw data of {key} changed")
+        elif before.meta_digest != after.meta_digest:
+            changes.append(f"metadata of {key} changed")
+        elif before.comparable() != after.comparable():
+            changes.append(f"{key} now needs {after.kind} ({' -> '.join(after.steps) or 'no steps'})")
+    return changes
 
 
 def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observations: Observations,
@@ -167,7 +199,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
         _timed(run, "ingest", lambda: _ingest_all(run, plan, ingests))
         _timed(run, "verify", lambda: _quick_verify(run, plan))
         run.report.seconds["total"] = time.perf_counter() - started
-        parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        parent = peak_rss()
         _write_run_summary(manifest, run.report, parent)
     return run.report
 
@@ -216,6 +248,18 @@ def _pool(processes: int):
     return get_reusable_executor(max_workers=processes, timeout=30)
 
 
+def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args: object) -> Outcome:
+    """Run one step on a worker, unless apply (the worker's parent) is gone.
+
+    loky's workers keep taking queued jobs after a kill -9 of apply. Such a job must not start: its writes
+    would be stamped after the next apply deleted the dead run's joinid ranges, and outlive that delete.
+    (A job already running stops before its next X chunk: see atlas.ingest_h5ad.)
+    """
+    if os.getppid() != coordinator:
+        os._exit(1)
+    return fn(*args)
+
+
 def _run_pool(run: Executor, name: str, jobs: list[tuple[str, Callable, tuple]],
               on_done: Callable[[Outcome], None]) -> None:
     """Run jobs on the pool; each outcome is handled (and the state saved) as soon as it arrives."""
@@ -223,7 +267,8 @@ def _run_pool(run: Executor, name: str, jobs: list[tuple[str, Callable, tuple]],
         return
     run.reporter.phase(name, len(jobs))
     pool = _pool(run.processes)
-    futures: dict[Future, str] = {pool.submit(fn, *args): key for key, fn, args in jobs}
+    futures: dict[Future, str] = {pool.submit(_while_coordinator_lives, os.getpid(), fn, *args): key
+                                  for key, fn, args in jobs}
     for future in as_completed(futures):
         key = futures[future]
         try:

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 
 from soma_manifest.errors import AtlasError, SourceError
+from soma_manifest.faults import crash_point
 from soma_manifest.schema import AtlasSchema, Layer
 
 STRUCTURE_KEY = "soma_manifest.structure"
@@ -125,7 +126,8 @@ def _build_experiment(uri: str, schema: AtlasSchema, lineage: str) -> None:
         x = rna.add_new_collection("X")
         for layer in schema.layers:
             # Shapes start at 1 (the minimum); resize_obs and extend_var grow them.
-            x.add_new_sparse_ndarray(layer.name, type=_ARROW[layer.type], shape=(1, 1), platform_config=_X_CREATE)
+            x.add_new_sparse_ndarray(layer.name, type=_ARROW[layer.type], shape=(1, 1),
+                                     platform_config=_X_CREATE if layer.optimize == "cells" else None)
         exp.metadata[STRUCTURE_KEY] = schema.structure
         exp.metadata[LINEAGE_KEY] = lineage
 
@@ -329,6 +331,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
                   for layer in schema.layers}
         with soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
             obs.write(_obs_table(sample, schema, start))
+        crash_point("worker_ingest_after_obs")
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz):
             if os.getppid() != parent:
                 os._exit(1)  # orphaned worker: the coordinator is gone, stop writing at once
@@ -337,7 +340,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
             coords = {"soma_dim_0": local_rows + (start + lo), "soma_dim_1": chunk.indices.astype(np.int64)}
             for layer, array in layers.items():
                 array.write(pa.table({**coords, "soma_data": _layer_values(layer, local_rows, chunk.data)}),
-                            platform_config=_GLOBAL_ORDER)
+                            platform_config=_GLOBAL_ORDER if layer.optimize == "cells" else None)
             nnz += chunk.nnz
     return IngestStats(cells=len(sample.obs), nnz=nnz)
 

@@ -214,7 +214,7 @@ def _unique_rows(table: pd.DataFrame, key: str, path: Path) -> pd.DataFrame:
 def _cell_rows(path: Path, sample: str, barcodes: np.ndarray) -> pd.DataFrame:
     table = _read_table(path)
     if "barcode" not in table.columns:
-        raise SourceError(f"no 'barcode' column (columns: {', '.join(table.columns)})", where=path,
+        raise SourceError(f"no 'barcode' column (columns: {', '.join(table.columns[:-1])})", where=path,
                           hint="cell metadata is joined on a column named barcode")
     if "sample_name" in table.columns:
         table = table[table["sample_name"] == sample]

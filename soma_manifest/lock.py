@@ -43,7 +43,7 @@ def read_holder(path: Path) -> Holder | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError):
-        # A lock file half-written by a process killed while creating it: its holder is dead.
+        # Locks are never half-written (see _try_create): this one is damaged. Treat its holder as gone.
         return Holder(0, socket.gethostname(), "?", "unknown (unreadable lock file)", 0.0)
 
 
@@ -78,15 +78,21 @@ class AtlasLock:
         raise LockError("could not take the lock (it changed hands repeatedly)", where=self.path)
 
     def _try_create(self) -> bool:
+        # Written in full under a temporary name, then hard-linked into place (which fails if the lock
+        # exists): another apply never reads a half-written lock and mistakes its live holder for dead.
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(_me()), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return True
+            with open(tmp, "w") as fh:
+                json.dump(asdict(_me()), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _take_over(self, dead: Holder) -> None:
         # Rename is atomic, but another process may have taken over and locked in between:

@@ -7,7 +7,7 @@ the schema, those observations and the state. `plan` renders the Plan that `appl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -18,6 +18,7 @@ from soma_manifest.errors import SchemaError, SomaManifestError
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.sources import (
+    FORMAT_DIRS,
     SampleSource,
     content_digest,
     discover,
@@ -38,7 +39,8 @@ KINDS: dict[str, str] = {
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A plan document always carries every field, so its JSON Schema marks them all required.
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_serialization_defaults_required=True)
 
 
 class Action(_Frozen):
@@ -71,6 +73,10 @@ class Action(_Frozen):
     def deletes_cells(self) -> bool:
         """Cells leave the atlas for good (not replaced by a new version)."""
         return self.kind in ("remove",) and bool(self.cells)
+
+    def comparable(self) -> dict:
+        """The change and its content fingerprints; not the raw path, file stats or the reason worded from them."""
+        return self.model_dump(exclude={"path", "raw_files", "reason"})
 
     def source(self) -> SampleSource:
         assert self.study and self.sample and self.format and self.path
@@ -112,8 +118,13 @@ class Plan(_Frozen):
         return self.create_atlas or bool(self.actions)
 
     def comparable(self) -> dict:
-        """The parts that must match between a saved plan and the one computed at apply time."""
-        return self.model_dump(exclude={"created_at", "summary"})
+        """The parts that must match between a saved plan and the one computed at apply time.
+
+        Left out: where the checkout is (manifest and schema paths), so a plan made in one checkout
+        applies in another; contents are bound by the manifest digest and the schema fingerprints.
+        """
+        data = self.model_dump(exclude={"created_at", "summary", "manifest", "schema_path", "actions"})
+        return {**data, "actions": [a.comparable() for a in self.actions]}
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,7 @@ class Observed:
 class Observations:
     samples: dict[str, Observed]
     study_caches: dict[str, StudyCache]
+    gone: dict[str, str] = field(default_factory=dict)  # samples in the state, not selected: why
 
 
 def observe(manifest: LoadedManifest, state: State | None) -> Observations:
@@ -147,22 +159,38 @@ def observe(manifest: LoadedManifest, state: State | None) -> Observations:
     for src in sources:
         meta = caches[src.study].digests[src.sample]
         observed[src.key] = _observe_sample(manifest, src, meta, previous.get(src.key))
-    return Observations(observed, caches)
+    gone = {key: _why_gone(manifest, prev) for key, prev in previous.items() if key not in observed}
+    return Observations(observed, caches, gone)
+
+
+def _why_gone(manifest: LoadedManifest, prev) -> str:
+    """Why a sample of the state is no longer selected: the reviewer of a deletion needs to know."""
+    if prev.study not in {s.name for s in manifest.studies}:
+        return f"study {prev.study} is no longer in the manifest"
+    subdir, suffix = FORMAT_DIRS.get(prev.format, ("", ""))
+    path = manifest.raw / prev.study / subdir / f"{prev.sample}{suffix}"
+    if not path.exists():
+        return f"its raw data is gone ({path} not found)"
+    return "no longer selected by the manifest (samples/exclude)"
 
 
 def _study_cache(manifest: LoadedManifest, study: str, samples: list[str], state: State | None) -> StudyCache:
-    stats = [FileStamp(path=s.path, size=s.size, mtime_ns=s.mtime_ns) for s in metadata_stats(manifest.raw, study)]
+    stats = [_stamp(s) for s in metadata_stats(manifest.raw, study)]
     cached = state.studies.get(study) if state else None
     if cached is not None and cached.stats == stats and all(s in cached.digests for s in samples):
         return StudyCache(stats=stats, digests={s: cached.digests[s] for s in samples})
     return StudyCache(stats=stats, digests=metadata_digests(manifest.raw, study, samples))
 
 
+def _stamp(stat) -> FileStamp:
+    # model_construct: these come straight from os.stat, and validating 30,000 of them costs a plan 0.4 s.
+    return FileStamp.model_construct(path=stat.path, size=stat.size, mtime_ns=stat.mtime_ns)
+
+
 def _observe_sample(manifest: LoadedManifest, src: SampleSource, meta: str, prev) -> Observed:
     try:
         paths = sample_files(src)
-        stamps = tuple(FileStamp(path=s.path, size=s.size, mtime_ns=s.mtime_ns)
-                       for s in stat_files(paths, manifest.raw))
+        stamps = tuple(_stamp(s) for s in stat_files(paths, manifest.raw))
         if prev is not None and tuple(prev.raw_files) == stamps and prev.raw_digest:
             digest = prev.raw_digest
         else:
@@ -173,17 +201,47 @@ def _observe_sample(manifest: LoadedManifest, src: SampleSource, meta: str, prev
     return Observed(src, stamps, digest, meta, h5ad_present)
 
 
+def atlas_present(uri: Path) -> bool:
+    """Whether a TileDB group exists at `uri`, without importing the storage engine."""
+    return (uri / "__tiledb_group.tdb").exists() or (uri / "__group").is_dir()
+
+
 def check_structure(schema: AtlasSchema, state: State | None, schema_path: Path) -> None:
     """A schema whose array layout differs from the atlas' cannot be applied in place."""
     if state is None or not state.structure or state.structure == schema.structure:
         return
+    changes = _structure_changes(state.structure_summary, schema.structure_summary())
     raise SchemaError(
-        "the schema changes the atlas structure (obs/var columns, their types, X layers, measurement or "
-        "gene universe); an existing atlas is never migrated in place",
+        f"the schema changes the atlas structure ({changes}); an existing atlas is never migrated in place",
         where=schema_path,
         hint="revert that part of the schema, or build a new atlas: give atlas.name a new name in the manifest "
              "and apply (the old atlas stays untouched)",
     )
+
+
+_SECTIONS = {"obs": "obs column", "var": "var column", "layers": "X layer", "genes": "gene universe",
+             "measurement": "measurement"}
+
+
+def _structure_changes(before: dict[str, list[str]], after: dict[str, list[str]]) -> str:
+    """What differs between two structure summaries ("name:type" items per section), in words."""
+    if not before:  # a state written before summaries were kept
+        return "obs/var columns, their types, X layers, measurement or gene universe"
+    changes = []
+    for section, label in _SECTIONS.items():
+        old = dict(item.rpartition(":")[::2] for item in before.get(section, []))
+        new = dict(item.rpartition(":")[::2] for item in after.get(section, []))
+        if section in ("genes", "measurement"):
+            if before.get(section) != after.get(section):
+                changes.append(f"{label} {', '.join(before.get(section, []))} -> {', '.join(after.get(section, []))}")
+            continue
+        found = [f"{label} {n} ({t}) added" for n, t in new.items() if n not in old]
+        found += [f"{label} {n} ({t}) removed" for n, t in old.items() if n not in new]
+        found += [f"{label} {n} retyped from {old[n]} to {t}" for n, t in new.items() if n in old and old[n] != t]
+        if not found and list(old) != list(new):
+            found.append(f"{label}s reordered")
+        changes += found
+    return "; ".join(changes) or "the array layout"
 
 
 def make_plan(manifest: LoadedManifest, schema: AtlasSchema, observations: Observations,
@@ -201,7 +259,7 @@ def make_plan(manifest: LoadedManifest, schema: AtlasSchema, observations: Obser
             actions.append(action)
     for key, prev in samples.items():
         if key not in observations.samples:
-            actions.append(_removal(key, prev))
+            actions.append(_removal(key, prev, observations.gone.get(key, "no longer selected by the manifest")))
     for start, stop in (state.orphans if state else []):
         actions.append(Action(key=f"(orphans)/{start}-{stop}", kind="cleanup", steps=("delete",),
                               reason="cells left by an interrupted replace or removal",
@@ -253,11 +311,18 @@ def _sample_action(obs: Observed, prev, schema: AtlasSchema) -> Action | None:
         return Action(kind="replace", reason=why, steps=steps, delete_range=in_atlas, **known, **base)
     if prev.atlas_meta_digest != obs.meta_digest:
         # Re-joining metadata onto the existing h5ad skips parsing the raw matrix; h5ad inputs carry
-        # their own annotations, so those re-convert.
-        cheap = obs.h5ad_present and prev.converted and src.format != "h5ad"
+        # their own annotations, so those re-convert. Only onto an h5ad of the raw data and conversion
+        # the atlas holds: a run that died after re-converting a change since reverted left another one.
+        cheap = (obs.h5ad_present and prev.converted and src.format != "h5ad"
+                 and prev.raw_digest == obs.raw_digest and prev.conversion == schema.conversion)
         return Action(kind="update", reason="cell or sample metadata changed",
                       steps=("convert_metadata" if cheap else "convert", "write_obs"),
                       cells=prev.atlas_cells, nnz=prev.atlas_nnz, **base)
+    if (prev.raw_digest, prev.conversion, prev.meta_digest) != (obs.raw_digest, schema.conversion, obs.meta_digest):
+        # The atlas is current but the h5ad is not: a run died after re-converting a change that was then
+        # reverted. Re-convert, so that the h5ad (which verify --deep compares with) matches again.
+        return Action(kind="update", reason="its h5ad is of another version (left by an interrupted run)",
+                      steps=("convert", "write_obs"), cells=prev.atlas_cells, nnz=prev.atlas_nnz, **base)
     return None
 
 
@@ -269,10 +334,9 @@ def _changed_files(before: list[FileStamp], after: tuple[FileStamp, ...]) -> str
     return f"raw data changed: {shown}"
 
 
-def _removal(key: str, prev) -> Action:
+def _removal(key: str, prev, why: str) -> Action:
     in_atlas = prev.joinids if prev.ingest != "none" else None
-    where = "no longer selected by the manifest, or its raw data is gone"
-    return Action(key=key, kind="remove", reason=where, steps=("delete",) if in_atlas else ("forget",),
+    return Action(key=key, kind="remove", reason=why, steps=("delete",) if in_atlas else ("forget",),
                   study=prev.study, sample=prev.sample, format=prev.format, delete_range=in_atlas,
                   cells=prev.atlas_cells if in_atlas else 0, nnz=prev.atlas_nnz if in_atlas else 0)
 

@@ -84,6 +84,8 @@ class State(_Model):
     serial: int = 0
     atlas: str
     structure: str = ""  # schema structure fingerprint the atlas was created with
+    # ... and that structure in words (AtlasSchema.structure_summary), to name what a schema change alters
+    structure_summary: dict[str, list[str]] = Field(default_factory=dict)
     created_at: str = Field(default_factory=now)
     next_joinid: int = 0
     samples: dict[str, SampleState] = Field(default_factory=dict)

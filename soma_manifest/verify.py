@@ -7,7 +7,7 @@ import scipy.sparse as sp
 
 from soma_manifest import atlas
 from soma_manifest.schema import AtlasSchema
-from soma_manifest.state import State
+from soma_manifest.state import SampleState, State
 
 
 def verify(uri: str, schema: AtlasSchema, state: State, *, deep: bool = False) -> list[str]:
@@ -18,9 +18,9 @@ def verify(uri: str, schema: AtlasSchema, state: State, *, deep: bool = False) -
     if problems:
         return problems
     done = {k: s for k, s in sorted(state.samples.items()) if s.ingest == "done" and s.joinids}
-    for key, s in state.samples.items():
-        if s.ingest == "allocated":
-            problems.append(f"{key}: ingest was interrupted; run apply to finish it")
+    pending = [k for k, s in state.samples.items() if s.ingest == "allocated"]
+    for key in pending:
+        problems.append(f"{key}: ingest was interrupted; run apply to finish it")
     if state.orphans:
         problems.append(f"{len(state.orphans)} joinid range(s) wait for deletion; run apply")
     stats = atlas.range_stats(uri, schema, [s.joinids for s in done.values()])
@@ -30,6 +30,8 @@ def verify(uri: str, schema: AtlasSchema, state: State, *, deep: bool = False) -
                             f"{s.joinids[0]}-{s.joinids[1]}, the state expects {s.atlas_cells}")
         if got.nnz != s.atlas_nnz:
             problems.append(f"{key}: {got.nnz} nonzero counts, the state expects {s.atlas_nnz}")
+    if not pending and not state.orphans:  # pending ranges may hold partial copies of a sample
+        problems.extend(_ids_in_place(uri, done, stats))
     known = state.known_ranges()
     outside = atlas.obs_joinids_outside(uri, known)
     if outside:
@@ -40,6 +42,23 @@ def verify(uri: str, schema: AtlasSchema, state: State, *, deep: bool = False) -
     if deep:
         for key, s in done.items():
             problems.extend(_compare_with_h5ad(uri, schema, key, s))
+    return problems
+
+
+def _ids_in_place(uri: str, done: dict[str, SampleState], stats: list[atlas.RangeStats]) -> list[str]:
+    """Every obs id (`<study>/<sample>/<barcode>`) lies in its own sample's range. With the per-range
+    checks (distinct ids, cell counts) that makes obs ids unique over the whole atlas."""
+    found = atlas.overview(uri).samples
+    problems = []
+    for (key, s), got in zip(done.items(), stats):
+        n = found.pop((s.study, s.sample), 0)
+        if n > got.cells:
+            problems.append(f"{key}: {n - got.cells} cell(s) outside joinids {s.joinids[0]}-{s.joinids[1]} "
+                            "carry its obs ids")
+        elif n < got.cells:
+            problems.append(f"{key}: {got.cells - n} cell(s) in its joinids carry obs ids of other samples")
+    problems += [f"{study}/{sample}: {n} cell(s) carry obs ids of a sample the state does not know"
+                 for (study, sample), n in sorted(found.items())]
     return problems
 
 

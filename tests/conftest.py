@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +17,8 @@ import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse as sp
+
+from soma_manifest.state import State, load_state
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -146,3 +152,129 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "soma_manifest", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- change, crash, lock, bad-input and state tests ----------------------------------------------
+
+def invoke_cli(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI inside the test process: the same code as `run_cli` without the interpreter start-up,
+    and the loky workers stay warm between calls. Never with SOMA_MANIFEST_CRASH_AT (it would kill pytest)."""
+    from typer.testing import CliRunner
+
+    from soma_manifest.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", **(env or {})})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess([str(a) for a in args], result.exit_code, result.stdout, result.stderr)
+
+
+def apply_ok(project: Project, *extra: str) -> subprocess.CompletedProcess:
+    """`apply` that must succeed."""
+    result = invoke_cli("apply", project.manifest, *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def plan_actions(project: Project) -> dict[str, dict]:
+    """`plan --json` as {sample key: action}."""
+    result = invoke_cli("plan", "--json", project.manifest)
+    assert result.returncode == 0, result.stderr
+    return {a["key"]: a for a in json.loads(result.stdout)["actions"]}
+
+
+def read_state(project: Project) -> State | None:
+    return load_state(project.state_path)
+
+
+@pytest.fixture
+def applied(project: Project) -> Project:
+    """The `project`, applied once."""
+    apply_ok(project)
+    return project
+
+
+def set_cell_type(project: Project, key: str, cell_type: str) -> None:
+    """Give every cell of one sample another cell type in its study's cell metadata."""
+    study, sample = key.split("/")
+    path = project.raw / study / "cell_metadata" / f"{study}.tsv.gz"
+    with gzip.open(path, "rt") as fh:
+        header, *rows = fh.read().splitlines()
+    fields = (row.split("\t") for row in rows)
+    rows = [f"{b}\t{s}\t{cell_type if s == sample else t}" for b, s, t in fields]
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join([header, *rows]) + "\n")
+
+
+def assert_atlas_holds(uri: Path, samples: dict[str, SampleData], cell_types: dict[str, str] | None = None) -> None:
+    """Read the atlas with tiledbsoma alone, as a user would: it holds exactly these samples' counts
+    (cells by obs_id, genes by var_id), every cell once, no X entry outside them, and the cell types
+    of `write_metadata` (or the one given per sample)."""
+    import tiledbsoma as soma
+
+    cell_types = cell_types or {}
+    with soma.Experiment.open(str(uri)) as exp:
+        obs = exp.obs.read(column_names=["soma_joinid", "obs_id"]).concat().to_pandas()
+        assert obs["obs_id"].is_unique, "an obs id appears twice"
+        assert len(obs) == sum(d.counts.shape[0] for d in samples.values()), "cells missing or extra"
+        for key, data in samples.items():
+            study, sample = key.split("/")
+            query = exp.axis_query("RNA", obs_query=soma.AxisQuery(
+                value_filter=f"sample_name == '{sample}' and study_name == '{study}'"))
+            got = query.to_anndata(X_name="raw", obs_id_name="obs_id", var_id_name="var_id")
+            ids = [f"{key}/{b}" for b in data.barcodes]
+            assert sorted(got.obs_names) == sorted(ids), f"{key}: cells differ"
+            got = got[ids]
+            columns = got.var_names.get_indexer(data.gene_ids)
+            assert (columns >= 0).all(), f"{key}: genes missing from var"
+            x = sp.csr_matrix(got.X)
+            assert x.nnz == data.counts.nnz, f"{key}: {x.nnz} entries, expected {data.counts.nnz}"
+            assert (x[:, columns] != data.counts).nnz == 0, f"{key}: counts differ"
+            expected = [cell_types.get(key, CELL_TYPES[i % 3]) for i in range(len(ids))]
+            assert got.obs["cell_type"].astype(str).tolist() == expected, f"{key}: cell types differ"
+        entries = exp.ms["RNA"].X["raw"].read().tables().concat()
+    assert len(entries) == sum(d.counts.nnz for d in samples.values()), "stale or orphan X entries"
+    assert np.isin(entries["soma_dim_0"].to_numpy(), obs["soma_joinid"].to_numpy()).all(), "X entries without a cell"
+
+
+def assert_converged(project: Project, cell_types: dict[str, str] | None = None) -> None:
+    """Nothing left to do, `verify --deep` is clean and the atlas holds exactly `project.samples`."""
+    result = invoke_cli("plan", "--detailed-exitcode", project.manifest)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = invoke_cli("verify", "--deep", project.manifest)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_atlas_holds(project.atlas_uri, project.samples, cell_types)
+
+
+@dataclass
+class Background:
+    """A CLI run in the background, in a session of its own. Output goes to files, not pipes: the loky
+    workers of an apply killed with -9 keep running a while, and would hold pipes open."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    def wait(self, timeout: float = 120) -> subprocess.CompletedProcess:
+        code = self.proc.wait(timeout)
+        return subprocess.CompletedProcess(self.proc.args, code, self.out.read_text(), self.err.read_text())
+
+    def kill_session(self) -> None:
+        """SIGKILL whatever is left of the session (orphaned workers); remove the output files."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.out.parent, ignore_errors=True)
+
+
+def start_cli(*args: str | Path, env: dict | None = None) -> Background:
+    """The real entry point, started in the background; end it with `kill_session`."""
+    folder = Path(tempfile.mkdtemp(prefix="cli-"))
+    out, err = folder / "stdout", folder / "stderr"
+    with open(out, "a") as out_fh, open(err, "a") as err_fh:
+        proc = subprocess.Popen([sys.executable, "-m", "soma_manifest", *map(str, args)],
+                                env={**os.environ, "NO_COLOR": "1", **(env or {})}, stdout=out_fh, stderr=err_fh,
+                                text=True, start_new_session=True)
+    return Background(proc, out, err)
