@@ -12,7 +12,6 @@ import os
 import time
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol
 
 from soma_manifest import atlas
@@ -22,7 +21,7 @@ from soma_manifest.faults import crash_point
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.plan import Action, Observations, Plan
 from soma_manifest.schema import AtlasSchema
-from soma_manifest.state import FileStamp, SampleState, State, now, save_state
+from soma_manifest.state import SampleState, State, now, save_state
 from soma_manifest.steps import Outcome, convert_step, ingest_step, peak_rss, write_obs_step
 
 log = logging.getLogger("soma_manifest")
@@ -113,7 +112,7 @@ def open_state(manifest: LoadedManifest, state: State | None, schema: AtlasSchem
                              f"{uri} has {lineage})", where=manifest.state_path,
                              hint="point storage.state at the state file of this atlas")
     elif any(s.ingest != "none" for s in state.samples.values()):
-        raise AtlasError(f"the atlas is missing but the state records ingested samples", where=uri,
+        raise AtlasError("the atlas is missing but the state records ingested samples", where=uri,
                          hint=f"restore the atlas folder, or move {manifest.state_path} away to rebuild from scratch")
     return state
 

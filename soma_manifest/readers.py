@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import os
 import re
 import zlib
 from collections.abc import Callable, Iterator

@@ -10,7 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.io
 import scipy.sparse as sp
 import tiledbsoma
