@@ -175,7 +175,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
             state: State, *, processes: int, allow_delete: bool, reporter: Reporter | None = None,
             chunk_nnz: int = DEFAULT_CHUNK_NNZ) -> ApplyReport:
     """Make the atlas match the plan. Failures of single samples are recorded, not raised."""
-    deletions = [a for a in plan.actions if a.kind == "remove" and a.cells]
+    deletions = [a for a in plan.actions if a.deletes_cells]
     if deletions and not allow_delete:
         listing = ", ".join(f"{a.key} ({a.cells} cells)" for a in deletions[:10])
         more = f" and {len(deletions) - 10} more" if len(deletions) > 10 else ""
@@ -184,7 +184,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
     run = Executor(manifest, schema, state, max(1, processes), reporter or SilentReporter(), chunk_nnz)
     run.report.unchanged = len(plan.unchanged)
     started = time.perf_counter()
-    with _run_log(manifest, run.report):
+    with _RunLog(manifest, run.report):
         log.info("apply %s: %d actions, %d unchanged, %d processes", manifest.path, len(plan.actions),
                  len(plan.unchanged), run.processes)
         state.studies.update(observations.study_caches)
@@ -196,7 +196,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
         ingests = _allocate(run, plan)
         _timed(run, "delete", lambda: _delete_orphans(run))
         _timed(run, "ingest", lambda: _ingest_all(run, plan, ingests))
-        _timed(run, "verify", lambda: _quick_verify(run, plan))
+        _timed(run, "verify", lambda: _quick_verify(run))
         run.report.seconds["total"] = time.perf_counter() - started
         parent = peak_rss()
         _write_run_summary(manifest, run.report, parent)
@@ -392,9 +392,10 @@ def _ingest_all(run: Executor, plan: Plan, ready: list[Action]) -> None:
     _run_pool(run, "ingest", jobs, done)
 
 
-def _quick_verify(run: Executor, plan: Plan) -> None:
+def _quick_verify(run: Executor) -> None:
     """Check what this run touched: cells, distinct obs ids and nnz per range, as the state says."""
-    touched = [k for k in run.report.succeeded if run.state.samples.get(k) and run.state.samples[k].ingest == "done"]
+    touched = [k for k in run.report.succeeded
+               if k in run.state.samples and run.state.samples[k].ingest == "done"]
     entries = [run.state.samples[k] for k in touched]
     if not entries:
         return
@@ -407,7 +408,7 @@ def _quick_verify(run: Executor, plan: Plan) -> None:
                 f"{entry.atlas_nnz} nnz")
 
 
-class _run_log:
+class _RunLog:
     """A log file per run in the logs folder (DEBUG, with worker tracebacks)."""
 
     def __init__(self, manifest: LoadedManifest, report: ApplyReport) -> None:

@@ -72,15 +72,12 @@ class Action(_Frozen):
     @property
     def deletes_cells(self) -> bool:
         """Cells leave the atlas for good (not replaced by a new version)."""
-        return self.kind in ("remove",) and bool(self.cells)
+        return self.kind == "remove" and bool(self.cells)
 
     def comparable(self) -> dict:
         """The change and its content fingerprints; not the raw path, file stats or the reason worded from them."""
         return self.model_dump(exclude={"path", "raw_files", "reason"})
 
-    def source(self) -> SampleSource:
-        assert self.study and self.sample and self.format and self.path
-        return SampleSource(self.study, self.sample, self.format, Path(self.path))
 
 
 class Summary(_Frozen):

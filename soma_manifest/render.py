@@ -57,7 +57,7 @@ def plan_text(plan: Plan, *, verbose: bool = False) -> str:
     if plan.actions or plan.create_atlas:
         lines.append("")
     lines.append(f"[bold]{summary_line(plan)}[/]")
-    if any(a.kind == "remove" and a.cells for a in plan.actions):
+    if any(a.deletes_cells for a in plan.actions):
         lines.append("[red]This plan deletes cells: apply needs --allow-delete.[/]")
     return "\n".join(lines)
 
