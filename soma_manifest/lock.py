@@ -23,6 +23,8 @@ class Holder:
     started: str
     command: str
     process_created: float  # guards against a recycled pid
+    # A fresh id per acquisition: the lease identity that steps check before writing (see lease_is_current).
+    epoch: str = ""
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, since {self.started}: {self.command}"
@@ -34,7 +36,7 @@ def lock_path(state_path: Path) -> Path:
 
 def _me() -> Holder:
     return Holder(os.getpid(), socket.gethostname(), now(), " ".join(sys.argv) or "python",
-                  psutil.Process().create_time())
+                  psutil.Process().create_time(), uuid.uuid4().hex)
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -62,6 +64,12 @@ class AtlasLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.epoch = ""  # set once held
+
+    @property
+    def lease(self) -> "Lease":
+        """What a step needs to check that this apply still holds the atlas (small and picklable)."""
+        return Lease(str(self.path), self.epoch)
 
     def __enter__(self) -> "AtlasLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +98,7 @@ class AtlasLock:
                 os.link(tmp, self.path)
             except FileExistsError:
                 return False
+            self.epoch = json.loads(tmp.read_text())["epoch"]
             return True
         finally:
             tmp.unlink(missing_ok=True)
@@ -113,6 +122,19 @@ class AtlasLock:
         holder = read_holder(self.path)
         if holder is not None and holder.pid == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An apply's hold on the atlas, as steps see it: the lock's location and the holder's epoch."""
+
+    lock: str
+    epoch: str
+
+    def is_current(self) -> bool:
+        """Whether the lock still names this epoch: false once the apply ended, was unlocked or taken over."""
+        holder = read_holder(Path(self.lock))
+        return holder is not None and holder.epoch == self.epoch
 
 
 def force_unlock(path: Path) -> Holder | None:
