@@ -152,6 +152,61 @@ def validate(manifests: list[Path] = typer.Argument(..., help="One or more manif
     _guard(run)
 
 
+_REFERENCE = "(soma-curation's flag) "
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def init(
+    ctx: typer.Context,
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST", help="The manifest to write (e.g. atlas.yaml)."),
+    raw: Path = typer.Option(..., "--raw", "--raw-storage-dir", help="The raw tree: <raw>/<study>/<format>/<sample>."),
+    atlas_storage: Path = typer.Option(..., "--atlas-storage", "--atlas-storage-dir",
+                                       help="The folder that holds the atlas."),
+    name: str = typer.Option(..., "--name", "--atlas-name", help="The atlas name."),
+    h5ad: Optional[Path] = typer.Option(None, "--h5ad", "--h5ad-storage-dir",
+                                        help="h5ad folder (default: <atlas-storage>/<name>-h5ad)."),
+    logs: Optional[Path] = typer.Option(None, "--logs", "--log-dir",
+                                        help="Log folder (default: <atlas-storage>/<name>-logs)."),
+    schema_path: Optional[Path] = typer.Option(None, "--schema",
+                                               help="A soma-manifest schema (default: a copy of the default one)."),
+    db_schema: Optional[Path] = typer.Option(None, "--db-schema-fp",
+                                             help=_REFERENCE + "A soma-curation schema, translated next to MANIFEST."),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, help="Default worker count for apply."),
+    include_studies: list[str] = typer.Option([], "--include-studies",
+                                              help="Only these studies (after MANIFEST: `--include-studies a b c`)."),
+    collection_type: Optional[str] = typer.Option(None, "--raw-collection-type",
+                                                  help=_REFERENCE + "The format to prefer: mtx, h5ad or 10x_h5."),
+    filenames_pkl: Optional[str] = typer.Option(None, "--filenames-pkl", help=_REFERENCE + "Ignored."),
+    mapping_pkl: Optional[str] = typer.Option(None, "--registration-mapping-pkl", help=_REFERENCE + "Ignored."),
+    no_color: NoColor = False,
+) -> None:
+    """Write a manifest listing the studies under a raw tree, and its schema. Overwrites nothing."""
+    from soma_manifest.init import InitRequest, init_manifest
+
+    # `--include-studies a b c` as the reference writes it: click leaves b and c as extra arguments.
+    if ctx.args and not include_studies:
+        raise typer.BadParameter(f"unexpected arguments: {' '.join(ctx.args)}", param_hint="MANIFEST")
+    notes = [f"{flag} is ignored: the state file replaces the reference's pickle checkpoints"
+             for flag, value in (("--filenames-pkl", filenames_pkl), ("--registration-mapping-pkl", mapping_pkl))
+             if value is not None]
+
+    def run() -> int:
+        result = init_manifest(InitRequest(
+            manifest=manifest_path, raw=raw, atlas_storage=atlas_storage, name=name, h5ad=h5ad, logs=logs,
+            schema=schema_path, reference_schema=db_schema, processes=processes,
+            include_studies=(*include_studies, *ctx.args), format_hint=collection_type, notes=tuple(notes)))
+        err = Output.err()
+        for note in result.notes:
+            err.print(f"note: {_escape(note)}")
+        listed = [s for s in result.studies if s.format]
+        Output.out().print(f"Wrote {', '.join(_escape(str(p)) for p in result.written)} "
+                           f"({len(listed)} of {len(result.studies)} studies listed).")
+        Output.out().print(f"Next: soma-manifest validate {_escape(str(manifest_path))}, then plan and apply.")
+        return 0
+
+    _guard(run)
+
+
 class PlanFormat(str, Enum):
     text = "text"
     json = "json"

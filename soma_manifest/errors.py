@@ -55,3 +55,7 @@ class PlanError(SomaManifestError):
 
 class AtlasError(SomaManifestError):
     """The atlas on disk does not match what the operation expects."""
+
+
+class InitError(SomaManifestError):
+    """`init` cannot write a manifest: a file exists already, or its input is unusable."""
