@@ -65,6 +65,7 @@ class AtlasLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.epoch = ""  # set once held
+        self._created: list[Path] = []  # folders made for the lock, removed again if the run left them empty
 
     @property
     def lease(self) -> "Lease":
@@ -72,7 +73,9 @@ class AtlasLock:
         return Lease(str(self.path), self.epoch)
 
     def __enter__(self) -> "AtlasLock":
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = missing
         for _ in range(3):
             if self._try_create():
                 return self
@@ -122,6 +125,12 @@ class AtlasLock:
         holder = read_holder(self.path)
         if holder is not None and holder.pid == os.getpid():
             self.path.unlink(missing_ok=True)
+        # A refused apply leaves no empty folder behind (rmdir refuses a folder that holds anything).
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 @dataclass(frozen=True)
