@@ -94,7 +94,8 @@ def _escape(text: str) -> str:
 
 def _load(manifest_path: Path) -> tuple[LoadedManifest, AtlasSchema]:
     manifest = load_manifest(manifest_path)
-    return manifest, load_schema(manifest.schema_path)
+    with manifest.referenced("schema"):
+        return manifest, load_schema(manifest.schema_path)
 
 
 def _compute_plan(manifest: LoadedManifest, schema: AtlasSchema):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from soma_manifest.errors import ManifestError
+from soma_manifest.errors import ManifestError, SomaManifestError
 from soma_manifest.yamlio import LocatedYaml, load_yaml, pydantic_problems
 
 Format = Literal["mtx", "h5ad", "10x_h5"]
@@ -95,6 +96,16 @@ class LoadedManifest(BaseModel):
                 return f"{self.path}:{line}"
         return str(self.path)
 
+    @contextmanager
+    def referenced(self, key: str) -> Iterator[None]:
+        """Errors about the file this manifest names at `key` also name that line (`atlas.yaml:4: schema: ...`)."""
+        try:
+            yield
+        except ManifestError as exc:
+            raise ManifestError([f"{self.locate((key,))}: {key}: {p}" for p in exc.problems]) from None
+        except SomaManifestError as exc:
+            raise ManifestError([f"{self.locate((key,))}: {key}: {exc.render()}"]) from None
+
 
 def load_manifest(path: Path) -> LoadedManifest:
     """Parse and validate a manifest; all problems are reported at once, each with its line."""
@@ -124,7 +135,7 @@ def load_manifest(path: Path) -> LoadedManifest:
         h5ad=resolve(spec.storage.h5ad),
         logs=resolve(spec.storage.logs),
         state_path=state,
-        lines=_study_lines(doc, spec),
+        lines={**_study_lines(doc, spec), "schema": doc.line_of(("schema",))},
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project, invoke_cli
+from conftest import DEFAULT_SCHEMA, Project, invoke_cli
 
 COMMANDS = ["validate", "plan", "apply", "verify", "show"]
 
@@ -42,3 +42,34 @@ def test_an_apply_refused_for_deletions_writes_nothing(applied: Project) -> None
     result = invoke_cli("apply", applied.manifest)
     assert result.returncode == 1 and "re-run with --allow-delete" in result.stderr
     assert snapshot(applied.root) == before
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "schema.yaml: file not found"),
+    ("version: 1\nobs: [\n", "schema.yaml:3: YAML syntax error"),
+    ("version: 1\nobs:\n  - {name: barcode, source: barcode, colour: red}\n",
+     "schema.yaml:3: obs.0.colour: unknown key"),
+], ids=["missing", "invalid YAML", "invalid key"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_error_in_the_schema_names_the_manifest_line(project: Project, command: str, content: str | None,
+                                                       problem: str) -> None:
+    schema = project.root / "schema.yaml"
+    if content is not None:
+        schema.write_text(content)
+    project.write_manifest(schema=schema)
+    before = snapshot(project.root)
+    result = invoke_cli(command, project.manifest)
+    assert result.returncode == 1
+    # the manifest line that references the schema (line 5 of conftest's manifest), then the schema's own
+    assert f"{project.manifest}:5: schema: {project.root / problem}" in result.stderr, result.stderr
+    assert snapshot(project.root) == before
+
+
+def test_an_unreadable_gene_list_names_the_schema_and_the_manifest_line(project: Project) -> None:
+    schema = project.root / "schema.yaml"
+    schema.write_text(DEFAULT_SCHEMA.read_text().replace("universe: union", "universe: fixed\n  file: genes.tsv"))
+    project.write_manifest(schema=schema)
+    result = invoke_cli("plan", project.manifest)
+    assert result.returncode == 1
+    assert (f"{project.manifest}:5: schema: {project.root / 'genes.tsv'}: cannot read the fixed gene list: No such "
+            f"file or directory (fix genes.file in {schema})") in result.stderr
