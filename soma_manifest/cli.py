@@ -305,12 +305,15 @@ def apply(
     from soma_manifest import render
     from soma_manifest.lock import AtlasLock, lock_path
     from soma_manifest.progress import progress_reporter
+    from soma_manifest.sweep import sweep_leftovers
 
     def run() -> int:
         saved = _read_saved_plan(target)
         manifest, schema = _load(_saved_manifest(saved) if saved else target)
         err = Output.err()
-        with AtlasLock(lock_path(manifest.state_path)):
+        with AtlasLock(lock_path(manifest.state_path)) as lock:
+            for path in sweep_leftovers(manifest, lock.path):
+                err.print(f"Removed {_escape(str(path))}, left by an interrupted run.")
             the_plan, observations, state = _compute_plan(manifest, schema)
             if saved is not None:
                 executor.check_saved_plan(saved, the_plan)
