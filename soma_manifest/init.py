@@ -99,6 +99,7 @@ def init_manifest(req: InitRequest) -> InitResult:
     notes += [f"study {s.name}: {s.comment}" for s in studies if s.reason or len(s.found) > 1]
 
     files: dict[Path, str] = {}
+    schema_notes: list[str] = []  # the translated schema carries them as comments; the manifest does not
     schema_file = base / f"{req.manifest.stem}.schema.yaml"
     if req.schema is not None:
         load_schema(req.schema)
@@ -110,13 +111,12 @@ def init_manifest(req: InitRequest) -> InitResult:
         files[schema_file] = translation.schema_text
         if translation.genes is not None:
             files[gene_file] = "".join(f"{g}\n" for g in translation.genes)
+        schema_notes = [f"schema: {n}" for n in translation.notes]
         schema_ref, schema_comment = schema_file.name, f"translated from {req.reference_schema}; see its notes"
     else:
         files[schema_file] = default_schema_text()
         schema_ref, schema_comment = schema_file.name, "a copy of the default schema: edit it before the first apply"
     files[req.manifest.resolve()] = _manifest_text(req, base, studies, schema_ref, schema_comment, notes)
-    if req.reference_schema is not None:
-        notes += [f"schema: {n}" for n in translation.notes]  # the schema file carries them as comments
 
     existing = [p for p in files if p.exists()]
     if existing:
@@ -124,7 +124,7 @@ def init_manifest(req: InitRequest) -> InitResult:
                         "nothing was written", where=req.manifest,
                         hint="remove or rename it, or choose another manifest name")
     _write_all(files)
-    return InitResult(list(files), studies, notes)
+    return InitResult(list(files), studies, notes + schema_notes)
 
 
 def detect_studies(raw: Path, include: tuple[str, ...], hint: str | None) -> list[Study]:

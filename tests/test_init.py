@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -206,3 +204,14 @@ def test_a_translated_schema_builds_its_four_layers(tree: Project) -> None:
             x = exp.ms["RNA"].X[layer].read().coos().concat().to_scipy().tocsr()
             got = x[order][:, columns].toarray()
             np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=layer)
+
+
+def test_a_given_schema_is_referenced_not_copied(tree: Project) -> None:
+    (tree.root / "schemas").mkdir()
+    (tree.root / "schemas" / "mine.yaml").write_text(DEFAULT_SCHEMA.read_text())
+    code, _, err = init(*CANONICAL, "--schema", "schemas/mine.yaml")
+    assert code == 0, err
+    assert "schema: ../schemas/mine.yaml  # the atlas schema" in (tree.root / "conf" / "atlas.yaml").read_text()
+    assert sorted(p.name for p in (tree.root / "conf").iterdir()) == ["atlas.yaml"]
+    code, _, err = init(*CANONICAL, "--schema", "schemas/mine.yaml", "--db-schema-fp", "ref.yaml")
+    assert code == 1 and "give either --schema" in err
