@@ -100,8 +100,8 @@ class _Translator:
         self.retyped: dict[tuple[str, str], list[str]] = {}  # (reference type, ours) -> column names
 
     def fail(self, key: tuple[str | int, ...], message: str) -> InitError:
-        line = self.doc.line_of(key) if key[0] in self.given else 1
-        where = f"{self.doc.path}:{line}" if key[0] in self.given else f"{self.doc.path} (soma-curation default)"
+        where = (f"{self.doc.path}:{self.doc.line_of(key)}" if key[0] in self.given
+                 else f"{self.doc.path} (soma-curation default)")
         return InitError(f"{'.'.join(map(str, key))}: {message}", where=where,
                          hint="fix the soma-curation schema, or write a soma-manifest schema and pass --schema")
 
@@ -126,7 +126,7 @@ class _Translator:
 
     def retyped_notes(self) -> None:
         for (ref_type, ours), names in self.retyped.items():
-            why = ("dictionary encoding is the storage engine's business" if ref_type.startswith("categorical")
+            why = ("stored as plain strings, without dictionary encoding" if ref_type.startswith("categorical")
                    else f"there are no unsigned types; {ours} holds every {ref_type} value"
                    if ref_type.startswith("u") else f"{ours} holds every {ref_type} value")
             self.notes.append(f"{ref_type} -> {ours} ({', '.join(names)}): {why}")

@@ -215,3 +215,11 @@ def test_a_given_schema_is_referenced_not_copied(tree: Project) -> None:
     assert sorted(p.name for p in (tree.root / "conf").iterdir()) == ["atlas.yaml"]
     code, _, err = init(*CANONICAL, "--schema", "schemas/mine.yaml", "--db-schema-fp", "ref.yaml")
     assert code == 1 and "give either --schema" in err
+
+
+def test_a_malformed_reference_schema_is_refused_with_its_line(tree: Project) -> None:
+    (tree.root / "ref.yaml").write_text("PAI_SCHEMA_VERSION: '1'\nPAI_OBS_CELL_COLUMNS:\n  - [barcode]\n")
+    code, _, err = init(*CANONICAL, "--db-schema-fp", "ref.yaml")
+    assert code == 1
+    assert "error: ref.yaml:3: PAI_OBS_CELL_COLUMNS.0: expected a [name, type] pair, found ['barcode']" in err
+    assert not (tree.root / "conf").exists()
