@@ -140,6 +140,38 @@ def test_organism_guard_by_ensembl_prefix_and_symbol_case() -> None:
         genes.check_organism("mus_musculus", symbols, symbols, "s/x")
 
 
+def test_organism_guard_without_reference_and_log_library_columns(tmp_path: Path) -> None:
+    """Without a gene reference the guard still refuses; log_mean/log_var follow scVI's library prior."""
+    from soma_manifest.convert import ConvertJob, convert_sample
+
+    real = read_mtx_dir(CHR21)
+    counts = sp.vstack([sp.csr_matrix((1, real.counts.shape[1]), dtype=np.int32), real.counts[:20]]).tocsr()
+    barcodes = np.concatenate([["EMPTY-1"], real.barcodes[:20]])
+    schema_path = tmp_path / "schema.yaml"
+    schema_path.write_text(_schema(tmp_path).read_text().replace("  reference: genes.tsv.gz\n  unmapped: drop\n", ""))
+    schema = load_schema(schema_path)
+    assert schema.genes.reference is None
+
+    def convert(name: str, ids: list[str], symbols: list[str]) -> ad.AnnData:
+        path = tmp_path / "raw" / f"{name}.h5ad"
+        _write_h5ad(path, counts, barcodes, ids, symbols)
+        job = ConvertJob(f"s/{name}", "s", name, "h5ad", str(path), str(tmp_path / "raw"),
+                         str(tmp_path / "out" / f"{name}.h5ad"), organism="homo_sapiens")
+        convert_sample(job, schema)
+        return ad.read_h5ad(job.h5ad_path)
+
+    got = convert("human", list(real.feature_ids), list(real.feature_names))
+    assert list(got.var_names) == list(real.feature_ids), "ids taken as given"
+    totals = np.asarray(counts.sum(axis=1)).ravel().astype(float)
+    log = np.concatenate([[0.0], np.log(totals[1:])])  # an empty cell counts as log 0, as in scVI
+    np.testing.assert_allclose(got.obs["log_mean"], np.float32(np.mean(log)))
+    np.testing.assert_allclose(got.obs["lib_var"], np.var(log, ddof=0))
+    with pytest.raises(SourceError, match="s/mouse: its genes look like mouse or rat genes"):
+        title = [s.capitalize() for s in real.feature_names]
+        convert("mouse", title, title)
+    assert not (tmp_path / "out" / "mouse.h5ad").exists()
+
+
 # --- schema ---------------------------------------------------------------------------------------
 
 def test_schema_reference_is_a_conversion_change(tmp_path: Path) -> None:
