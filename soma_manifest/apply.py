@@ -14,7 +14,7 @@ from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from soma_manifest import atlas
+from soma_manifest import atlas, genes
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError
 from soma_manifest.faults import crash_point
@@ -181,6 +181,8 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
         more = f" and {len(deletions) - 10} more" if len(deletions) > 10 else ""
         raise PlanError(f"the plan deletes cells of {len(deletions)} sample(s): {listing}{more}",
                         hint="nothing was changed; re-run with --allow-delete to delete them")
+    if any(a.converts for a in plan.actions):
+        genes.schema_reference(schema)  # a bad gene reference is one error before any change, not one per sample
     run = Executor(manifest, schema, state, max(1, processes), reporter or SilentReporter(), chunk_nnz)
     run.report.unchanged = len(plan.unchanged)
     started = time.perf_counter()

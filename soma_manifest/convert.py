@@ -88,11 +88,10 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
     qc = _qc(counts, symbols, schema)
     types = raw.feature_types[keep].astype(str) if schema.genes.universe == "union" else None
     mapping = None
-    reference = schema.gene_reference_path()
+    reference = genes.schema_reference(schema)
     if reference is not None:
         counts, ids, symbols, mapping = genes.harmonize(
-            genes.load_reference(str(reference), schema.gene_reference_digest), counts,
-            given_ids.astype(object), symbols.astype(object), ids, schema.genes.unmapped, job.key)
+            reference, counts, given_ids.astype(object), symbols.astype(object), ids, schema.genes.unmapped, job.key)
         symbols = symbols.astype(str)
         types = None  # every mapped gene is a gene-expression feature
     if schema.genes.universe == "fixed":

@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from soma_manifest.errors import SchemaError, SourceError
+from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import GeneMapping
 
 Unmapped = Literal["drop", "keep", "fail"]
@@ -58,6 +59,12 @@ class GeneReference:
     ids: np.ndarray  # str (object), as written in the file
     symbols: np.ndarray
     lookups: tuple[pd.Series, ...]  # one per RULES entry, indexed by upper-case key
+
+
+def schema_reference(schema: AtlasSchema) -> GeneReference | None:
+    """The schema's gene reference (parsed once per process), None without one."""
+    path = schema.gene_reference_path()
+    return None if path is None else load_reference(str(path), schema.gene_reference_digest)
 
 
 @lru_cache(maxsize=4)

@@ -205,6 +205,18 @@ def _schema(folder: Path, *, logs: bool = True, unmapped: str = "drop") -> Path:
     return path
 
 
+def test_a_bad_reference_is_one_error_before_any_change(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    shutil.copytree(CHR21, project.raw / "cr" / "mtx" / "c1")
+    schema = _schema(tmp_path, logs=False)
+    (tmp_path / "genes.tsv.gz").write_bytes(gzip.compress(b"id\tsymbol\nENSG1\tA\nENSG1.3\tB\n"))
+    project.write_manifest("  - name: cr\n", schema=schema)
+    result = invoke_cli("apply", project.manifest)
+    assert result.returncode == 1
+    assert "genes.tsv.gz: gene id 'ENSG1' appears more than once (lines 2, 3" in " ".join(result.stderr.split())
+    assert not project.state_path.exists() and not project.atlas_uri.exists()
+
+
 # --- on real data, through apply --------------------------------------------------------------------
 
 def _write_h5ad(path: Path, counts: sp.csr_matrix, barcodes: np.ndarray, ids: list[str], symbols: list[str]) -> None:
