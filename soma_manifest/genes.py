@@ -220,13 +220,13 @@ def harmonize(reference: GeneReference, counts: sp.csr_matrix, ids: np.ndarray, 
             f"{Path(reference.path).name}: {', '.join(examples)}",
             hint="add them to the reference (or as aliases), or set genes.unmapped to drop or keep")
     # Output columns: the sample's reference genes in reference order, then its kept features.
-    genes = np.unique(mapped.rows[ok])
+    targets = np.unique(mapped.rows[ok])
     column = np.full(n, -1, dtype=np.int64)
-    column[ok] = np.searchsorted(genes, mapped.rows[ok])
-    out_ids, out_symbols = reference.ids[genes], reference.symbols[genes]
+    column[ok] = np.searchsorted(targets, mapped.rows[ok])
+    out_ids, out_symbols = reference.ids[targets], reference.symbols[targets]
     kept = failed if policy == "keep" else failed[:0]
     if len(kept):
-        column[kept] = len(genes) + np.arange(len(kept))
+        column[kept] = len(targets) + np.arange(len(kept))
         out_ids = np.concatenate([out_ids, own_ids[kept]]).astype(object)
         out_symbols = np.concatenate([out_symbols, symbols[kept]]).astype(object)
     if not pd.Index(out_ids).is_unique:
@@ -242,7 +242,7 @@ def harmonize(reference: GeneReference, counts: sp.csr_matrix, ids: np.ndarray, 
     report = GeneMapping(
         features=n, **{rule: int(c) for rule, c in zip(RULES, counts_by_rule)},
         unmapped=int((mapped.rows == UNMAPPED).sum()), ambiguous=int((mapped.rows == AMBIGUOUS).sum()),
-        kept=len(kept), dropped=len(failed) - len(kept), summed=int(ok.sum()) - len(genes),
+        kept=len(kept), dropped=len(failed) - len(kept), summed=int(ok.sum()) - len(targets),
         genes=len(out_ids), examples=examples)
     return harmonized, out_ids.astype(object), out_symbols.astype(object), report
 
@@ -259,7 +259,8 @@ def detect(ids: np.ndarray, symbols: np.ndarray) -> tuple[str, str] | None:
         return None
     prefixes = pd.Series(ids, dtype=object).astype(str).str.upper().str.extract(_ENSEMBL, expand=False).dropna()
     if len(prefixes) >= MIN_MAPPED * n:
-        prefix, hits = prefixes.value_counts().index[0], int(prefixes.value_counts().iloc[0])
+        counts = prefixes.value_counts()
+        prefix, hits = counts.index[0], int(counts.iloc[0])
         if hits >= MIN_MAPPED * n:
             organism = _BY_PREFIX.get(prefix, f"an organism with Ensembl prefix {prefix}")
             return organism, f"{hits} of {n} gene ids start with {prefix}"
@@ -294,9 +295,9 @@ def check_organism(organism: str, ids: np.ndarray, symbols: np.ndarray, sample: 
 def likely_cause(ids: np.ndarray, symbols: np.ndarray) -> str:
     """A guess at why a sample's features do not map, for the error message."""
     seen = detect(ids, symbols)
-    if seen is not None and seen[0] not in ("upper", "homo_sapiens"):
-        return f"likely another organism: its genes look like {_describe(seen[0])} ({seen[1]})"
-    return "likely the wrong organism, or an id/symbol column that holds something else"
+    looks = f" (the sample's genes look like {_describe(seen[0])}: {seen[1]})" if seen else ""
+    return (f"likely cause: the reference is of another organism than the sample{looks}, "
+            "or the sample's id/symbol columns hold something else than gene ids and symbols")
 
 
 def _describe(looks: str) -> str:

@@ -111,7 +111,8 @@ def test_unmapped_policies_and_features_of_one_gene_are_summed(tmp_path: Path) -
 
 
 def test_a_sample_whose_features_mostly_do_not_map_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match=r"sample s/x: only 1 of 4 features map onto the gene reference ref.tsv"):
+    with pytest.raises(SourceError, match=r"sample s/x: only 1 of 4 features map onto the gene reference ref.tsv"
+                       r" \(unmapped e.g. a \(A\), b \(B\), c \(C\)\) \(likely cause: the reference is of another"):
         _harmonize(tmp_path, "keep", ["ENSG00000000002", "a", "b", "c"], ["BETA", "A", "B", "C"], COUNTS)
 
 
