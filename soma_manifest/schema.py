@@ -107,16 +107,20 @@ class Genes(_Frozen):
     feature_types: tuple[str, ...] = ("Gene Expression",)
     # A gene reference every sample's features are mapped onto (genes.py); without one, ids are taken as given.
     reference: str | None = None
-    # What happens to a feature the reference does not name (or names ambiguously).
-    unmapped: Literal["drop", "keep", "fail"] = "drop"
+    # What happens to a feature the reference does not name (or names ambiguously); default drop.
+    unmapped: Literal["drop", "keep", "fail"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Genes":
         if (self.universe == "fixed") != (self.file is not None):
             raise ValueError("`file:` is required with universe: fixed and only allowed with it")
-        if "unmapped" in self.model_fields_set and self.reference is None:
+        if self.unmapped is not None and self.reference is None:
             raise ValueError("`unmapped:` only applies with a gene `reference:`")
         return self
+
+    @property
+    def unmapped_policy(self) -> Literal["drop", "keep", "fail"]:
+        return self.unmapped or "drop"
 
 
 class QC(_Frozen):
@@ -180,7 +184,7 @@ class AtlasSchema(_Frozen):
             "layers": [layer.model_dump() for layer in self.layers],
             # Without a reference the fingerprint is what it was before references existed: no re-conversion.
             "genes": self.genes.model_dump(exclude={"reference", "unmapped"}),
-            **({"gene_reference": [self.gene_reference_digest, self.genes.unmapped]} if self.genes.reference else {}),
+            **({"gene_reference": [self.gene_reference_digest, self.genes.unmapped_policy]} if self.genes.reference else {}),
             "gene_list": self.gene_list_digest,
             "qc": self.qc.model_dump(),
         })

@@ -24,7 +24,7 @@ from conftest import DATA, DEFAULT_SCHEMA, Project, invoke_cli, read_state
 from soma_manifest import genes
 from soma_manifest.errors import SchemaError, SourceError
 from soma_manifest.readers import read_mtx_dir
-from soma_manifest.schema import load_schema
+from soma_manifest.schema import AtlasSchema, load_schema
 
 CHR21 = DATA / "10x-v3-chr21" / "filtered_feature_bc_matrix"
 REFERENCE = DATA / "genes-chr21.tsv.gz"
@@ -185,6 +185,8 @@ def test_schema_reference_is_a_conversion_change(tmp_path: Path) -> None:
     reference = tmp_path / "genes.tsv.gz"
     reference.write_bytes(gzip.compress(gzip.decompress(reference.read_bytes()) + b"ENSG09999999999\tNEW\t\t\n"))
     assert load_schema(path).conversion != schema.conversion, "a changed reference re-converts"
+    again = AtlasSchema.model_validate(schema.model_dump(by_alias=True))
+    assert (again.genes, again.organism) == (schema.genes, "homo_sapiens"), "a schema survives its own dump"
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEFAULT_SCHEMA.read_text().replace("universe: union", "universe: union\n  unmapped: keep"))
     with pytest.raises(Exception, match="only applies with a gene `reference:`"):
