@@ -14,7 +14,7 @@ from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from soma_manifest import atlas
+from soma_manifest import atlas, genes
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError
 from soma_manifest.faults import crash_point
@@ -181,6 +181,8 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
         more = f" and {len(deletions) - 10} more" if len(deletions) > 10 else ""
         raise PlanError(f"the plan deletes cells of {len(deletions)} sample(s): {listing}{more}",
                         hint="nothing was changed; re-run with --allow-delete to delete them")
+    if any(a.converts for a in plan.actions):
+        genes.schema_reference(schema)  # a bad gene reference is one error before any change, not one per sample
     run = Executor(manifest, schema, state, max(1, processes), reporter or SilentReporter(), chunk_nnz)
     run.report.unchanged = len(plan.unchanged)
     started = time.perf_counter()
@@ -284,6 +286,7 @@ def _run_pool(run: Executor, name: str, jobs: list[tuple[str, Callable, tuple]],
 
 def _convert_all(run: Executor, plan: Plan) -> None:
     by_key = {a.key: a for a in plan.actions}
+    organisms = {s.name: s.organism or run.schema.organism for s in run.manifest.studies}
     jobs = []
     for action in plan.actions:
         if not action.converts:
@@ -295,7 +298,8 @@ def _convert_all(run: Executor, plan: Plan) -> None:
         h5ad = entry.h5ad if "convert_metadata" in action.steps else str(
             h5ad_path_for(run.manifest.h5ad, action.study, action.sample))
         job = ConvertJob(action.key, action.study, action.sample, action.format, action.path,
-                         str(run.manifest.raw), h5ad, metadata_only="convert_metadata" in action.steps)
+                         str(run.manifest.raw), h5ad, metadata_only="convert_metadata" in action.steps,
+                         organism=organisms.get(action.study))
         jobs.append((action.key, convert_step, (job, run.schema)))
     if any(a.kind == "invalid" for a in plan.actions):
         run.save()
@@ -311,9 +315,12 @@ def _convert_all(run: Executor, plan: Plan) -> None:
             entry.raw_digest, entry.meta_digest = action.raw_digest or "", action.meta_digest or ""
             entry.conversion, entry.h5ad, entry.converted = run.schema.conversion, result.h5ad, True
             entry.cells, entry.nnz, entry.converted_at = result.cells, result.nnz, now()
-            log.info("%s: converted (%d cells, %d nnz, %.1fs)%s", outcome.key, result.cells, result.nnz,
+            if "convert_metadata" not in action.steps:  # a metadata update keeps the h5ad's genes
+                entry.gene_mapping = result.gene_mapping
+            log.info("%s: converted (%d cells, %d nnz, %.1fs)%s%s", outcome.key, result.cells, result.nnz,
                      outcome.seconds, f"; left out {result.dropped_features} non-gene features"
-                     if result.dropped_features else "")
+                     if result.dropped_features else "",
+                     f"; genes: {result.gene_mapping.text()}" if result.gene_mapping else "")
         run.save()
         crash_point("after_convert")
 

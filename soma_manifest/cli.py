@@ -234,7 +234,7 @@ def plan(
 
     def run() -> int:
         manifest, schema = _load(manifest_path)
-        the_plan, _, _ = _compute_plan(manifest, schema)
+        the_plan, _, state = _compute_plan(manifest, schema)
         if out is not None:
             _write_plan(render.plan_json(the_plan), out)
             Output.err().print(f"Saved the plan to {_escape(str(out))}; apply it with "
@@ -244,7 +244,7 @@ def plan(
         elif chosen is PlanFormat.markdown:
             sys.stdout.write(render.plan_markdown(the_plan) + "\n")
         else:
-            Output.out().print(render.plan_text(the_plan, verbose=verbose))
+            Output.out().print(render.plan_text(the_plan, verbose=verbose, state=state))
         return 2 if detailed_exitcode and the_plan.has_changes else 0
 
     _guard(run)

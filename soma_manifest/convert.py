@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from soma_manifest import genes
 from soma_manifest.errors import SourceError
 from soma_manifest.readers import RawCounts, read_sample
 from soma_manifest.schema import AtlasSchema, ObsColumn
 from soma_manifest.sources import metadata_file
+from soma_manifest.state import GeneMapping
 
 _INT32_MAX = np.iinfo(np.int32).max
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -36,6 +38,7 @@ class ConvertJob:
     raw_root: str
     h5ad_path: str
     metadata_only: bool = False  # re-join metadata onto the existing h5ad instead of re-reading raw
+    organism: str | None = None  # the study's (or else the schema's) organism, for the guard
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ConvertResult:
     nnz: int
     genes: int
     dropped_features: int  # features of other types (e.g. Antibody Capture) left out of the measurement
+    gene_mapping: GeneMapping | None = None  # with a gene reference: how the features were mapped
 
 
 def h5ad_path_for(h5ad_root: Path, study: str, sample: str) -> Path:
@@ -61,23 +65,35 @@ def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
         metadata = _metadata_columns(job, schema, barcodes, None)
         for name, values in metadata.items():
             adata.obs[name] = values
-        dropped = 0
+        dropped, mapping = 0, None
     else:
         raw = read_sample(job.format, Path(job.path))
-        adata, dropped = _standardize(job, schema, raw)
+        adata, dropped, mapping = _standardize(job, schema, raw)
     _write_atomically(adata, Path(job.h5ad_path))
-    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped)
+    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping)
 
 
-def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[ad.AnnData, int]:
+def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
+                 ) -> tuple[ad.AnnData, int, GeneMapping | None]:
     keep = np.isin(raw.feature_types.astype(str), list(schema.genes.feature_types))
     if not keep.any():
         raise SourceError(f"no features of type {', '.join(schema.genes.feature_types)}", where=job.path,
                           hint="check the features file, or genes.feature_types in the schema")
     counts = raw.counts[:, np.flatnonzero(keep)].tocsr()
     symbols = raw.feature_names[keep].astype(str)
-    ids = _gene_ids(raw.feature_ids[keep].astype(str), symbols)
+    given_ids = raw.feature_ids[keep].astype(str)
+    ids = _gene_ids(given_ids, symbols)
+    if job.organism:
+        genes.check_organism(job.organism, given_ids, symbols, job.key)
     qc = _qc(counts, symbols, schema)
+    types = raw.feature_types[keep].astype(str) if schema.genes.universe == "union" else None
+    mapping = None
+    reference = genes.schema_reference(schema)
+    if reference is not None:
+        counts, ids, symbols, mapping = genes.harmonize(
+            reference, counts, given_ids.astype(object), symbols.astype(object), ids, schema.genes.unmapped_policy, job.key)
+        symbols = symbols.astype(str)
+        types = None  # every mapped gene is a gene-expression feature
     if schema.genes.universe == "fixed":
         counts, ids, symbols = _to_universe(counts, ids, symbols, schema)
     if counts.nnz and counts.data.max() > _INT32_MAX:
@@ -100,7 +116,6 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[
         else:
             obs[col.name] = metadata[col.name]
     var = pd.DataFrame(index=pd.Index(ids, name="var_id"))
-    types = raw.feature_types[keep].astype(str) if schema.genes.universe == "union" else None
     for vcol in schema.var:
         if vcol.source == "feature_name":
             var[vcol.name] = symbols.astype(object)
@@ -108,7 +123,7 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[
             var[vcol.name] = types.astype(object) if types is not None else "Gene Expression"
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.uns["soma_manifest"] = {"key": job.key, "conversion": schema.conversion}
-    return adata, int((~keep).sum())
+    return adata, int((~keep).sum()), mapping
 
 
 def _gene_ids(ids: np.ndarray, symbols: np.ndarray) -> np.ndarray:
@@ -138,8 +153,12 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(umi > 0, 100.0 * part / np.maximum(umi, 1), 0.0)
 
+    # scVI's library prior (_init_library_size): natural log of each cell's total counts (0 for an
+    # empty cell), mean and population variance over the sample's cells, the same for every cell.
+    log_library = np.log(umi, out=np.zeros(len(umi)), where=umi > 0)
     return {"nnz": nnz, "n_genes": nnz, "umi_counts": umi,
-            "pct_mito": pct(schema.qc.mito_prefixes), "pct_ribo": pct(schema.qc.ribo_prefixes)}
+            "pct_mito": pct(schema.qc.mito_prefixes), "pct_ribo": pct(schema.qc.ribo_prefixes),
+            "log_mean": np.full(len(umi), log_library.mean()), "log_var": np.full(len(umi), log_library.var())}
 
 
 def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, schema: AtlasSchema):

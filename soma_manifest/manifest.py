@@ -39,6 +39,10 @@ class StudySpec(_Frozen):
         default=None, min_length=1, description="Samples to include (glob patterns allowed); default all."
     )
     exclude: list[str] = Field(default_factory=list, description="Samples to leave out (glob patterns allowed).")
+    organism: str | None = Field(
+        default=None, pattern=r"^[a-z]+_[a-z]+$",
+        description="This study's organism when it differs from the schema's (a deliberate cross-species atlas).",
+    )
 
 
 class Manifest(_Frozen):

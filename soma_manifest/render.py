@@ -38,7 +38,16 @@ def summary_line(plan: Plan) -> str:
     return f"Plan: {created}{counts}; {s.unchanged} unchanged; {s.steps} steps{cells}."
 
 
-def plan_text(plan: Plan, *, verbose: bool = False) -> str:
+def _genes(state: State | None, key: str) -> list[str]:
+    """The sample's last gene-mapping report, as an indented line (none without a reference)."""
+    entry = state.samples.get(key) if state is not None else None
+    if entry is None or entry.gene_mapping is None:
+        return []
+    return [f"  [dim]      genes: {escape(entry.gene_mapping.text())}[/]"]
+
+
+def plan_text(plan: Plan, *, verbose: bool = False, state: State | None = None) -> str:
+    """The plan; `verbose` adds up-to-date samples and, given the `state`, each sample's gene mapping."""
     lines = [f"soma-manifest plan for {escape(plan.manifest)}",
              f"  atlas {escape(plan.atlas)} (state serial {plan.serial if plan.serial is not None else 'none'})", ""]
     if plan.create_atlas:
@@ -51,9 +60,12 @@ def plan_text(plan: Plan, *, verbose: bool = False) -> str:
         extra = _cells(a)
         lines.append(f"  [{style}]{symbol:>3} {escape(a.key):<{width}}  {a.kind:<8}[/] {escape(a.reason)}"
                      + (f"  [dim]({extra})[/]" if extra else "") + f"  [dim]steps: {steps}[/]")
+        if verbose:
+            lines += _genes(state, a.key)
     if verbose:
         for key in plan.unchanged:
             lines.append(f"  [dim]  = {escape(key)}  up to date[/]")
+            lines += _genes(state, key)
     if plan.actions or plan.create_atlas:
         lines.append("")
     lines.append(f"[bold]{summary_line(plan)}[/]")
@@ -118,6 +130,7 @@ def ledger_rows(state: State) -> list[dict]:
             "nnz": s.atlas_nnz if s.ingest == "done" else s.nnz,
             "joinids": list(s.joinids) if s.joinids else None,
             "ingested_at": s.ingested_at, "failed_step": s.failed_step, "error": s.error, "h5ad": s.h5ad,
+            "gene_mapping": s.gene_mapping.model_dump() if s.gene_mapping else None,
         })
     return rows
 
@@ -139,6 +152,7 @@ def ledger_text(state: State) -> str:
         lines.append(f"{escape(r['key']):<40} {status:<10} {cells:>9} {nnz:>12}  {joinids}")
         if r["error"]:
             lines.append(f"    [red]{escape(r['failed_step'])}: {escape(r['error'])}[/]")
+        lines += _genes(state, r["key"])
     total = sum(r["cells"] or 0 for r in rows if r["ingest"] == "done")
     lines.append(f"{len(rows)} samples, {total:,} cells in the atlas")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from soma_manifest.yamlio import load_yaml, pydantic_problems
 
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool"]
 ObsSource = Literal["barcode", "sample", "study", "sample_metadata", "cell_metadata", "computed"]
-Computed = Literal["nnz", "umi_counts", "n_genes", "pct_mito", "pct_ribo"]
+Computed = Literal["nnz", "umi_counts", "n_genes", "pct_mito", "pct_ribo", "log_mean", "log_var"]
 LayerSource = Literal["counts", "normalized", "log1p"]
 LayerType = Literal["int32", "int64", "float32", "float64"]
 
@@ -105,12 +105,22 @@ class Genes(_Frozen):
     file: str | None = None
     # Only features of these Cell Ranger types enter the measurement (antibodies etc. do not).
     feature_types: tuple[str, ...] = ("Gene Expression",)
+    # A gene reference every sample's features are mapped onto (genes.py); without one, ids are taken as given.
+    reference: str | None = None
+    # What happens to a feature the reference does not name (or names ambiguously); default drop.
+    unmapped: Literal["drop", "keep", "fail"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Genes":
         if (self.universe == "fixed") != (self.file is not None):
             raise ValueError("`file:` is required with universe: fixed and only allowed with it")
+        if self.unmapped is not None and self.reference is None:
+            raise ValueError("`unmapped:` only applies with a gene `reference:`")
         return self
+
+    @property
+    def unmapped_policy(self) -> Literal["drop", "keep", "fail"]:
+        return self.unmapped or "drop"
 
 
 class QC(_Frozen):
@@ -124,6 +134,8 @@ class AtlasSchema(_Frozen):
     """What the atlas holds. See README.md, "Schema reference"."""
 
     version: Literal[1]
+    # e.g. homo_sapiens, mus_musculus: samples whose genes clearly belong to another organism are refused.
+    organism: str | None = Field(default=None, pattern=r"^[a-z]+_[a-z]+$")
     measurement: str = Field(default="RNA", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     obs: tuple[ObsColumn, ...]
     var: tuple[VarColumn, ...] = (VarColumn(name="gene_symbol", source="feature_name"),)
@@ -133,6 +145,7 @@ class AtlasSchema(_Frozen):
     # Set by the loader: the folder relative gene-list paths resolve against, and its content.
     source_path: str = Field(default="", exclude=True)
     gene_list_digest: str = Field(default="", exclude=True)
+    gene_reference_digest: str = Field(default="", exclude=True)
 
     @model_validator(mode="after")
     def _check(self) -> "AtlasSchema":
@@ -169,7 +182,9 @@ class AtlasSchema(_Frozen):
             "obs": [c.model_dump(by_alias=True) for c in self.obs],
             "var": [c.model_dump() for c in self.var],
             "layers": [layer.model_dump() for layer in self.layers],
-            "genes": self.genes.model_dump(),
+            # Without a reference the fingerprint is what it was before references existed: no re-conversion.
+            "genes": self.genes.model_dump(exclude={"reference", "unmapped"}),
+            **({"gene_reference": [self.gene_reference_digest, self.genes.unmapped_policy]} if self.genes.reference else {}),
             "gene_list": self.gene_list_digest,
             "qc": self.qc.model_dump(),
         })
@@ -185,9 +200,15 @@ class AtlasSchema(_Frozen):
         }
 
     def gene_list_path(self) -> Path | None:
-        if self.genes.file is None:
+        return self._relative(self.genes.file)
+
+    def gene_reference_path(self) -> Path | None:
+        return self._relative(self.genes.reference)
+
+    def _relative(self, name: str | None) -> Path | None:
+        if name is None:
             return None
-        path = Path(self.genes.file)
+        path = Path(name)
         return path if path.is_absolute() else Path(self.source_path).parent / path
 
 
@@ -200,15 +221,17 @@ def load_schema(path: Path) -> AtlasSchema:
         schema = AtlasSchema.model_validate({**doc.data, "source_path": str(path)})
     except ValidationError as exc:
         raise ManifestError(pydantic_problems(doc, exc.errors())) from None
-    gene_file = schema.gene_list_path()
-    if gene_file is not None:
-        try:
-            digest = hashlib.blake2b(gene_file.read_bytes(), digest_size=16).hexdigest()
-        except OSError as exc:
-            raise SchemaError(f"cannot read the fixed gene list: {exc.strerror}", where=gene_file,
-                              hint=f"fix genes.file in {path}") from None
-        schema = schema.model_copy(update={"gene_list_digest": digest})
-    return schema
+    digests = {}
+    for field, file, what, key in (("gene_list_digest", schema.gene_list_path(), "the fixed gene list", "file"),
+                                   ("gene_reference_digest", schema.gene_reference_path(), "the gene reference",
+                                    "reference")):
+        if file is not None:
+            try:
+                digests[field] = hashlib.blake2b(file.read_bytes(), digest_size=16).hexdigest()
+            except OSError as exc:
+                raise SchemaError(f"cannot read {what}: {exc.strerror}", where=file,
+                                  hint=f"fix genes.{key} in {path}") from None
+    return schema.model_copy(update=digests) if digests else schema
 
 
 def _digest(obj: object) -> str:

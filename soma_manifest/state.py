@@ -37,6 +37,36 @@ class FileStamp(_Model):
     mtime_ns: int
 
 
+class GeneMapping(_Model):
+    """How a sample's features met the gene reference (genes.map_features), for plan -v, show and logs."""
+
+    features: int  # gene-expression features of the sample
+    by_id: int = 0  # matched a reference id (version suffix ignored)
+    by_alias_id: int = 0
+    by_symbol: int = 0
+    by_alias_symbol: int = 0
+    unmapped: int = 0  # matched nothing
+    ambiguous: int = 0  # matched several reference genes by its best rule
+    kept: int = 0  # unmapped or ambiguous, kept under their own id (unmapped: keep)
+    dropped: int = 0  # unmapped or ambiguous, left out (unmapped: drop)
+    summed: int = 0  # mapped onto a gene another feature of the sample also mapped onto
+    genes: int = 0  # var rows the sample ends up with
+    examples: list[str] = Field(default_factory=list)  # the first few unmapped/ambiguous features
+
+    def text(self) -> str:
+        """One line, e.g. "507 features: 480 by id, 20 by symbol; 7 dropped (A, B)"."""
+        rules = ", ".join(f"{n} {label}" for n, label in (
+            (self.by_id, "by id"), (self.by_alias_id, "by alias id"), (self.by_symbol, "by symbol"),
+            (self.by_alias_symbol, "by alias symbol")) if n)
+        rest = [f"{n} {label}" for n, label in ((self.summed, "summed into another feature's gene"),
+                                                 (self.kept, "kept unmapped"), (self.dropped, "dropped")) if n]
+        if self.ambiguous:
+            rest.append(f"{self.ambiguous} of them ambiguous")
+        examples = f" (e.g. {', '.join(self.examples)})" if self.examples and (self.kept or self.dropped) else ""
+        return (f"{self.features} features -> {self.genes} genes: mapped {rules or 'none'}"
+                + (f"; {'; '.join(rest)}{examples}" if rest else ""))
+
+
 class SampleState(_Model):
     """One sample's ledger entry: what its h5ad holds, and separately what the atlas holds.
 
@@ -57,6 +87,7 @@ class SampleState(_Model):
     cells: int | None = None
     nnz: int | None = None
     converted_at: str | None = None
+    gene_mapping: GeneMapping | None = None  # with a gene reference: how its features were mapped
     # the atlas (ingest step)
     joinids: tuple[int, int] | None = None  # [start, stop) in obs, recorded before any write
     ingest: IngestStatus = "none"
