@@ -543,8 +543,16 @@ def _read_slices(df: soma.DataFrame, ranges: list[tuple[int, int]], columns: lis
     return pa.concat_tables(tables) if tables else df.schema.empty_table().select(columns)
 
 
+#: Rows per read when counting X entries. TileDB sizes its read buffers by the query: a whole
+#: 5,000-cell sample (8M entries) read at once raised the reader's peak RSS by 525 MB, 1,000-row
+#: reads by 72 MB, at the same CPU time.
+_COUNT_ROWS = 1_000
+
+
 def _count_entries(x: soma.SparseNDArray, ranges: list[tuple[int, int]]) -> int:
-    return sum(len(t) for s in _clip(ranges, x.shape[0]) for t in x.read((s,)).tables())
+    return sum(len(t) for s in _clip(ranges, x.shape[0])
+               for lo in range(s.start, s.stop + 1, _COUNT_ROWS)
+               for t in x.read((slice(lo, min(lo + _COUNT_ROWS - 1, s.stop)),)).tables())
 
 
 # ---------------------------------------------------------------- read
