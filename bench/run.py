@@ -307,12 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     for flow in flows:
         print(f"running {FLOWS[flow]} ...", flush=True)
         rows.append(run_repeated(flow, work, data, args.processes, args.repeat, args.wait_idle))
-    table = render_table(rows)
+        # Saved after every flow, so a long run that is stopped keeps the rows it finished.
+        table = render_table(rows)
+        (work / "results.md").write_text(header + "\n\n" + table + "\n")
+        (work / "results.json").write_text(
+            json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
+        )
     print(table)
-    (work / "results.md").write_text(header + "\n\n" + table + "\n")
-    (work / "results.json").write_text(
-        json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
-    )
 
 
 if __name__ == "__main__":
