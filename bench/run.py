@@ -1,7 +1,7 @@
 """Benchmark soma-manifest against tiledbsoma's documented flow and the engine floor.
 
     python bench/run.py --preset small|full [--processes 2] [--out bench/out]
-                        [--flows manifest,default,tuned,floor]
+                        [--flows manifest,manifest4,manifest_h5ad,default,tuned,floor,mtx_floor,mtx_floor4]
 
 Generates the preset's data once (cached in OUT/<preset>/), runs each flow into a fresh
 atlas in its own process, checks each atlas against the inputs and prints one table
@@ -26,21 +26,36 @@ BASELINES = BENCH_DIR / "baselines.py"
 SCHEMA = REPO_ROOT / "schemas" / "default.yaml"
 FLOWS = {  # key -> row name
     "manifest": "soma-manifest apply",
+    "manifest4": "soma-manifest apply, 4 layers",
+    "manifest_h5ad": "soma-manifest apply from h5ad",
     "default": "tiledbsoma default",
     "tuned": "tuned from_h5ad",
     "floor": "engine floor",
+    "mtx_floor": "end-to-end floor (MTX)",
+    "mtx_floor4": "4-layer floor (MTX)",
 }
+BASELINE_FLOWS = {"default": "default", "tuned": "tuned", "floor": "floor", "mtx_floor": "mtx-floor",
+                  "mtx_floor4": "mtx-floor4"}  # key -> baselines.py flow
+#: The rows measured against the 4-layer floor; every other row against the 1-layer floor.
+FOUR_LAYER_ROWS = {FLOWS["manifest4"], FLOWS["mtx_floor4"]}
+#: The reference pipeline's four X layers, as a schema's `layers:` block.
+FOUR_LAYERS_YAML = """layers:
+  - {name: raw, type: int32, source: counts}
+  - {name: normalized, type: float32, source: normalized}
+  - {name: raw_by_gene, type: int32, source: counts, optimize: genes}
+  - {name: normalized_by_gene, type: float32, source: normalized, optimize: genes}
+"""
 ATLAS_NAME = "bench_atlas"  # the experiment is <atlas.storage>/<atlas.name>
 MANIFEST_TEMPLATE = """\
 version: 1
 atlas:
   name: {name}
-  storage: ./atlas
+  storage: ./{prefix}atlas
 schema: {schema}
 storage:
-  raw: ./raw
-  h5ad: ./h5ad
-  logs: ./logs
+  raw: ./{raw}
+  h5ad: ./{prefix}h5ad
+  logs: ./{prefix}logs
 studies:
 {studies}
 """
@@ -74,8 +89,9 @@ def run_baseline(flow: str, work: Path, data: GeneratedData, processes: int) -> 
     """One baseline flow in its own process (so its parent peak RSS is its own)."""
     json_out = work / f"result_{flow}.json"
     json_out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(BASELINES), flow, *data.h5ads, "--atlas", str(work / f"atlas_{flow}"),
-           "--processes", str(processes), "--json-out", str(json_out)]
+    mtx = ["--mtx", *(s.mtx_dir for s in data.samples)] if flow.startswith("mtx") else []
+    cmd = [sys.executable, str(BASELINES), BASELINE_FLOWS[flow], *data.h5ads, *mtx, "--atlas",
+           str(work / f"atlas_{flow}"), "--processes", str(processes), "--json-out", str(json_out)]
     run = run_watched(cmd)
     if run.returncode != 0 or not json_out.exists():
         return FlowResult(flow=FLOWS[flow], error=f"failed: {run.last_error_line()}")
@@ -88,33 +104,48 @@ def _note_other_load(row: FlowResult, run: WatchedRun) -> FlowResult:
     return row
 
 
-def write_manifest(work: Path, data: GeneratedData) -> Path:
-    """OUT/<preset>/atlas.yaml naming every generated study."""
-    studies = "\n".join(f"  - name: {s}" for s in sorted({s.study for s in data.samples}))
-    path = work / "atlas.yaml"
-    path.write_text(MANIFEST_TEMPLATE.format(name=ATLAS_NAME, schema=SCHEMA, studies=studies))
+def write_manifest(work: Path, data: GeneratedData, variant: str) -> Path:
+    """OUT/<preset>/<variant>.yaml naming every generated study, with its own atlas, h5ad and logs
+    folders. manifest4: the reference's four layers; manifest_h5ad: the studies as h5ad files."""
+    prefix = "" if variant == "manifest" else f"{variant}_"
+    schema, raw, fmt = SCHEMA, "raw", ""
+    if variant == "manifest4":
+        text = SCHEMA.read_text()
+        schema = work / "schema4.yaml"
+        schema.write_text(text.replace(text[text.index("layers:"):text.index("genes:")], FOUR_LAYERS_YAML))
+    if variant == "manifest_h5ad":
+        raw, fmt = "h5ad_raw", "\n    format: h5ad"
+        for s in data.samples:  # the raw layout of h5ad studies: <raw>/<study>/h5ad/<sample>.h5ad
+            link = work / raw / s.study / "h5ad" / f"{s.sample}.h5ad"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(s.h5ad)
+    studies = "\n".join(f"  - name: {s}{fmt}" for s in sorted({s.study for s in data.samples}))
+    path = work / f"{variant}.yaml"
+    path.write_text(MANIFEST_TEMPLATE.format(name=ATLAS_NAME, schema=schema, studies=studies, prefix=prefix, raw=raw))
     return path
 
 
-def run_manifest(work: Path, data: GeneratedData, processes: int) -> FlowResult:
-    """The real CLI as a subprocess: ``soma-manifest apply atlas.yaml --processes N``."""
-    row = FlowResult(flow=FLOWS["manifest"])
+def run_manifest(work: Path, data: GeneratedData, processes: int, variant: str = "manifest") -> FlowResult:
+    """The real CLI as a subprocess: ``soma-manifest apply <variant>.yaml --processes N``."""
+    row = FlowResult(flow=FLOWS[variant])
     cli = Path(sys.executable).parent / "soma-manifest"
     if not cli.exists():
         return _unavailable(row, f"{cli} not installed")
     if not SCHEMA.exists():
         return _unavailable(row, f"{SCHEMA.relative_to(REPO_ROOT)} missing")
-    manifest = write_manifest(work, data)
+    manifest = write_manifest(work, data, variant)
+    prefix = "" if variant == "manifest" else f"{variant}_"
     for sub in ("atlas", "h5ad", "logs"):  # the state file lives in atlas/
-        fresh_dir(work / sub)
+        fresh_dir(work / f"{prefix}{sub}")
     run = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes)], cwd=work)
     if run.returncode != 0:
         return _unavailable(row, run.last_error_line())
     row.total_s = round(run.seconds, 3)
     row.checks["command_wall_s"] = row.total_s
     row.parent_rss_bytes, row.worker_rss_bytes = run.parent_peak_bytes, run.child_peak_bytes
-    _apply_run_report(row, work / "logs" / "last-apply.json")
-    experiment = work / "atlas" / ATLAS_NAME
+    _apply_run_report(row, work / f"{prefix}logs" / "last-apply.json")
+    experiment = work / f"{prefix}atlas" / ATLAS_NAME
     row.atlas_bytes = dir_bytes(experiment)
     row.checks.update(verify_atlas(experiment, data))
     row.nnz, row.n_obs = row.checks.get("atlas_nnz"), row.checks.get("atlas_cells")
@@ -158,8 +189,8 @@ def verify_atlas(atlas: Path, data: GeneratedData) -> dict:
 def run_flow(flow: str, work: Path, data: GeneratedData, processes: int, wait_idle_s: float) -> FlowResult:
     if wait_idle_s > 0:
         wait_until_idle(wait_idle_s)
-    if flow == "manifest":
-        return run_manifest(work, data, processes)
+    if flow.startswith("manifest"):
+        return run_manifest(work, data, processes, flow)
     return run_baseline(flow, work, data, processes)
 
 
@@ -198,20 +229,25 @@ def _check(row: FlowResult) -> str:
 
 
 def render_table(rows: list[FlowResult]) -> str:
-    """Markdown table: ratios first (time / soma-manifest's, ingest time / floor's), then
-    absolute numbers."""
-    ref = next((r for r in rows if r.flow == FLOWS["manifest"] and not r.error), None)
-    floor = next((r for r in rows if r.flow == FLOWS["floor"] and not r.error), None)
-    head = ["flow", "ingest ÷ soma-manifest", "end-to-end ÷ soma-manifest", "ingest ÷ floor",
-            "convert s", "ingest s", "end-to-end s", "ingest nnz/s", "parent peak RSS MB",
+    """Markdown table: ratios first (end-to-end / the MTX floor with the same layers, time /
+    soma-manifest's, ingest time / the engine floor's), then absolute numbers."""
+    def found(name: str) -> FlowResult | None:
+        return next((r for r in rows if r.flow == name and not r.error), None)
+
+    ref, floor = found(FLOWS["manifest"]), found(FLOWS["floor"])
+    mtx_floors = {1: found(FLOWS["mtx_floor"]), 4: found(FLOWS["mtx_floor4"])}
+    head = ["flow", "end-to-end ÷ MTX floor", "ingest ÷ soma-manifest", "end-to-end ÷ soma-manifest",
+            "ingest ÷ floor", "convert s", "ingest s", "end-to-end s", "ingest nnz/s", "parent peak RSS MB",
             "worker peak RSS MB", "atlas MB", "check", "other load (cores)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.error:
             cells = [r.flow, r.error] + [""] * (len(head) - 2)
         else:
+            mtx_floor = mtx_floors[4 if r.flow in FOUR_LAYER_ROWS else 1]
             cells = [
                 r.flow,
+                _ratio(r.total_s, mtx_floor.total_s if mtx_floor else None),
                 _ratio(r.ingest_s, ref.ingest_s if ref else None),
                 _ratio(r.total_s, ref.total_s if ref else None),
                 _ratio(r.ingest_s, floor.ingest_s if floor else None),
@@ -271,12 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     for flow in flows:
         print(f"running {FLOWS[flow]} ...", flush=True)
         rows.append(run_repeated(flow, work, data, args.processes, args.repeat, args.wait_idle))
-    table = render_table(rows)
+        # Saved after every flow, so a long run that is stopped keeps the rows it finished.
+        table = render_table(rows)
+        (work / "results.md").write_text(header + "\n\n" + table + "\n")
+        (work / "results.json").write_text(
+            json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
+        )
     print(table)
-    (work / "results.md").write_text(header + "\n\n" + table + "\n")
-    (work / "results.json").write_text(
-        json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
-    )
 
 
 if __name__ == "__main__":

@@ -304,7 +304,9 @@ def _write_atomically(adata: ad.AnnData, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # Uncompressed: the ingest reads it right back, and compression costs more than the disk saves.
-        adata.write_h5ad(tmp)
+        # Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
+        # write's time), and the atlas stores plain strings anyway.
+        adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

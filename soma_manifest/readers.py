@@ -7,10 +7,8 @@ one `SourceError` that names the file (and line or row) and says what to fix.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from isal import igzip, isal_zlib
 
 from soma_manifest.errors import SourceError
 from soma_manifest.sources import mtx_files
@@ -417,6 +416,11 @@ def _validated_counts(values: np.ndarray, place: Callable[[int], tuple[str, str]
     if values.dtype.kind not in "iuf":
         raise SourceError(f"counts have dtype {values.dtype}; expected integers",
                           where=place(0)[0] if len(values) else None, hint="store raw integer UMI counts")
+    # Fast path, two passes: every value survives the cast to int32 unchanged and none is negative.
+    with np.errstate(invalid="ignore"):
+        counts = values.astype(COUNT_DTYPE)
+    if np.array_equal(counts, values) and (len(counts) == 0 or counts.min() >= 0):
+        return counts
     checks = [("negative", "counts must be non-negative raw UMI counts", values < 0)]
     if values.dtype.kind == "f":
         checks.append(("non-integer", "counts must be raw integer UMI counts",
@@ -458,7 +462,7 @@ def _reading(path: Path) -> Iterator[None]:
     except EOFError as exc:
         raise SourceError("the gzip stream ends early: the file is truncated", where=path,
                           hint="copy or download the file again") from exc
-    except (gzip.BadGzipFile, zlib.error) as exc:
+    except (igzip.BadGzipFile, isal_zlib.error) as exc:
         raise SourceError(f"corrupt gzip data ({exc})", where=path,
                           hint="copy or download the file again") from exc
     except OSError as exc:
@@ -480,7 +484,8 @@ def _open_bytes(path: Path) -> Iterator[BinaryIO]:
                 else "is gzip-compressed but lacks the .gz suffix"
             raise SourceError(f"the file {state}", where=path,
                               hint="compress it with gzip" if gz_suffix else "rename it to end in .gz")
-        with gzip.GzipFile(fileobj=raw, mode="rb") if gz_suffix else contextlib.nullcontext(raw) as stream:
+        # python-isal's igzip inflates about 2x faster than zlib, with the same errors.
+        with igzip.IGzipFile(fileobj=raw, mode="rb") if gz_suffix else contextlib.nullcontext(raw) as stream:
             yield stream
 
 

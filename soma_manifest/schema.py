@@ -83,9 +83,9 @@ class Layer(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     type: LayerType = "int32"
     source: LayerSource = "counts"
-    # cells: the whole gene axis in one tile, written in global order without a sort (fast
-    # ingest, fast per-cell reads). genes: TileDB's default tiles, written with a sort (slower
-    # ingest; reading one gene across all cells is about 3x faster), e.g. for a copy layer.
+    # cells: global order (cell, gene), written from row chunks; fast per-cell reads.
+    # genes: global order (gene, cell), written from column chunks; fast per-gene reads.
+    # Both are written without a sort, at the same speed.
     optimize: Literal["cells", "genes"] = "cells"
 
     @model_validator(mode="after")
@@ -95,6 +95,13 @@ class Layer(_Frozen):
         if self.source != "counts" and not self.type.startswith("float"):
             raise ValueError(f"a {self.source} layer holds fractions: use type float32 or float64")
         return self
+
+    @property
+    def layout(self) -> str:
+        """The on-disk layout, as the structure fingerprint records it. Gene-optimized layers
+        were TileDB's default tiles before they became gene-major: the new name makes atlases
+        built with the old layout refuse the new one instead of being written in the wrong order."""
+        return "genes:gene-major" if self.optimize == "genes" else self.optimize
 
 
 class Genes(_Frozen):
@@ -171,7 +178,7 @@ class AtlasSchema(_Frozen):
             "measurement": self.measurement,
             "obs": [(c.name, c.type) for c in self.obs],
             "var": [(c.name, c.type) for c in self.var],
-            "layers": [(layer.name, layer.type, layer.optimize) for layer in self.layers],
+            "layers": [(layer.name, layer.type, layer.layout) for layer in self.layers],
             "genes": self.genes.universe,
         })
 
@@ -194,7 +201,8 @@ class AtlasSchema(_Frozen):
         return {
             "obs": [f"{c.name}:{c.type}" for c in self.obs],
             "var": [f"{c.name}:{c.type}" for c in self.var],
-            "layers": [f"{layer.name}:{layer.type}" for layer in self.layers],
+            "layers": [f"{layer.name}:{layer.type}" + (" (gene-major)" if layer.optimize == "genes" else "")
+                       for layer in self.layers],
             "genes": [self.genes.universe],
             "measurement": [self.measurement],
         }

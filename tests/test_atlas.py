@@ -21,12 +21,14 @@ GENES = [f"ENSG{i:03d}" for i in range(30)]
 
 @pytest.fixture(scope="module")
 def schema() -> AtlasSchema:
-    """The default schema plus a bool obs column and the two derived layers."""
+    """The default schema plus a bool obs column, the two derived layers and gene-optimized copies."""
     doc = load_schema(DEFAULT_SCHEMA).model_dump(by_alias=True)
     doc["obs"] = [*doc["obs"], {"name": "is_doublet", "type": "bool", "source": "cell_metadata", "default": False}]
     doc["layers"] = [{"name": "raw", "type": "int32", "source": "counts"},
                      {"name": "norm", "type": "float32", "source": "normalized"},
-                     {"name": "logn", "type": "float64", "source": "log1p"}]
+                     {"name": "logn", "type": "float64", "source": "log1p"},
+                     {"name": "raw_g", "type": "int32", "source": "counts", "optimize": "genes"},
+                     {"name": "norm_g", "type": "float32", "source": "normalized", "optimize": "genes"}]
     return AtlasSchema.model_validate(doc)
 
 
@@ -100,6 +102,9 @@ def _assert_holds(uri: str, schema: AtlasSchema, sample: Sample, start: int) -> 
     np.testing.assert_allclose(got[:, want.var_names].layers["logn"].toarray(), np.log1p(normalized), rtol=1e-12)
     assert got.X.nnz == want.X.nnz  # nothing outside the sample's genes
     assert got.X.dtype == np.int32 and got.layers["norm"].dtype == np.float32
+    # Gene-optimized copies hold exactly the same values (derived ones bit for bit).
+    assert (sp.csr_matrix(got.layers["raw_g"]) != sp.csr_matrix(got.X)).nnz == 0
+    assert (sp.csr_matrix(got.layers["norm_g"]) != sp.csr_matrix(got.layers["norm"])).nnz == 0
 
 
 def test_create_is_atomic_and_records_structure(tmp_path: Path, schema: AtlasSchema) -> None:
@@ -111,7 +116,8 @@ def test_create_is_atomic_and_records_structure(tmp_path: Path, schema: AtlasSch
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["atlas"]  # no scratch left
     with pytest.raises(AtlasError, match="already exists"):
         atlas.create_atlas(path, schema, "test-lineage")
-    assert atlas.overview(path) == atlas.Overview(cells=0, genes=0, layers=("logn", "norm", "raw"), samples={})
+    assert atlas.overview(path) == atlas.Overview(cells=0, genes=0, layers=("logn", "norm", "norm_g", "raw", "raw_g"),
+                                                   samples={})
 
 
 def test_extend_var_is_idempotent_and_appends_in_order(uri: str, schema: AtlasSchema) -> None:
@@ -203,7 +209,7 @@ def test_verify_finds_an_orphaned_range(tmp_path: Path, uri: str, schema: AtlasS
     for sample, (start, _) in ((kept, kept_range), (orphan, orphan_range)):
         atlas.ingest_h5ad(uri, schema, sample.path, start)
     assert atlas.obs_joinids_outside(uri, [kept_range]) == list(range(20, 120))  # capped at 100
-    assert atlas.count_x_outside(uri, schema, [kept_range]) == 3 * orphan.adata.X.nnz  # three layers
+    assert atlas.count_x_outside(uri, schema, [kept_range]) == 5 * orphan.adata.X.nnz  # five layers
     assert atlas.count_x_outside(uri, schema, [kept_range, orphan_range]) == 0
     assert atlas.range_stats(uri, schema, [orphan_range, (170, 170)]) == [
         atlas.RangeStats(*orphan_range, cells=150, obs_ids=150, nnz=orphan.adata.X.nnz),

@@ -75,3 +75,31 @@ def test_text_plan_names_every_sample_and_summarizes(project: Project) -> None:
     for key in project.samples:
         assert f"+ {key}" in out
     assert "Plan: create the atlas; 3 to add; 0 unchanged; 6 steps." in out
+
+
+def test_atlas_with_the_old_gene_optimized_layout_is_refused(tmp_path: Path) -> None:
+    """`optimize: genes` layers were TileDB's default tiles with sorted writes; they are now gene-major.
+    A state recorded with the old layout's fingerprint is refused, naming the layer, never written in
+    the new order."""
+    import pytest
+
+    from soma_manifest.errors import SchemaError
+    from soma_manifest.plan import check_structure
+    from soma_manifest.schema import AtlasSchema, _digest
+    from soma_manifest.state import State
+
+    schema = AtlasSchema.model_validate({
+        "version": 1, "obs": [{"name": "barcode", "source": "barcode"}],
+        "layers": [{"name": "raw"}, {"name": "raw_by_gene", "optimize": "genes"}]})
+    old = _digest({"measurement": "RNA", "obs": [("barcode", "string")], "var": [("gene_symbol", "string")],
+                   "layers": [("raw", "int32", "cells"), ("raw_by_gene", "int32", "genes")], "genes": "union"})
+    state = State(atlas="a", structure=old, structure_summary={**schema.structure_summary(),
+                                                               "layers": ["raw:int32", "raw_by_gene:int32"]})
+    with pytest.raises(SchemaError) as err:
+        check_structure(schema, state, tmp_path / "schema.yaml")
+    assert "X layer raw_by_gene retyped from int32 to int32 (gene-major)" in err.value.render()
+    # Cell-optimized layers kept their fingerprint: atlases of the default schema are unaffected.
+    cells_only = AtlasSchema.model_validate({"version": 1, "obs": [{"name": "barcode", "source": "barcode"}]})
+    assert cells_only.structure == _digest({
+        "measurement": "RNA", "obs": [("barcode", "string")], "var": [("gene_symbol", "string")],
+        "layers": [("raw", "int32", "cells")], "genes": "union"})

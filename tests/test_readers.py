@@ -238,6 +238,16 @@ def test_truncated_gzip_matrix(chr21_copy: Path) -> None:
     assert err.where == str(matrix) and "truncated" in err.message
 
 
+def test_corrupt_gzip_data_and_checksum(chr21_copy: Path) -> None:
+    """python-isal's inflate errors become the same SourceError as zlib's did."""
+    matrix = chr21_copy / "matrix.mtx.gz"
+    good = matrix.read_bytes()
+    for name, bad in (("deflate", good[:20] + b"\xff" * 64 + good[84:]), ("checksum", good[:-8] + bytes(4) + good[-4:])):
+        matrix.write_bytes(bad)
+        err = read_error("mtx", chr21_copy)
+        assert err.where == str(matrix) and "corrupt gzip data" in err.message, name
+
+
 def test_matrix_with_fewer_entries_than_its_header(tmp_path: Path) -> None:
     folder = write_tiny_mtx(tmp_path / "s", matrix=TINY_MTX.replace("3 2 2", "3 2 3"))
     err = read_error("mtx", folder)
