@@ -91,7 +91,8 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
     reference = genes.schema_reference(schema)
     if reference is not None:
         counts, ids, symbols, mapping = genes.harmonize(
-            reference, counts, given_ids.astype(object), symbols.astype(object), ids, schema.genes.unmapped_policy, job.key)
+            reference, counts, given_ids.astype(object), symbols.astype(object), ids,
+            schema.genes.unmapped_policy, job.key)
         symbols = symbols.astype(str)
         types = None  # every mapped gene is a gene-expression feature
     if schema.genes.universe == "fixed":

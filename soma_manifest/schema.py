@@ -191,7 +191,8 @@ class AtlasSchema(_Frozen):
             "layers": [layer.model_dump() for layer in self.layers],
             # Without a reference the fingerprint is what it was before references existed: no re-conversion.
             "genes": self.genes.model_dump(exclude={"reference", "unmapped"}),
-            **({"gene_reference": [self.gene_reference_digest, self.genes.unmapped_policy]} if self.genes.reference else {}),
+            **({"gene_reference": [self.gene_reference_digest, self.genes.unmapped_policy]}
+               if self.genes.reference else {}),
             "gene_list": self.gene_list_digest,
             "qc": self.qc.model_dump(),
         })

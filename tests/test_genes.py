@@ -128,7 +128,8 @@ def test_organism_guard_by_ensembl_prefix_and_symbol_case() -> None:
     genes.check_organism("homo_sapiens", ids, symbols, "s/x")
     genes.check_organism("homo_sapiens", symbols, symbols, "s/x")
     genes.check_organism("xenopus_laevis", ids, symbols, "s/x")  # no known convention: not checked
-    with pytest.raises(SourceError, match=r"look like homo_sapiens, not mus_musculus \(507 of 507 gene ids start with ENSG\)"):
+    with pytest.raises(SourceError,
+                       match=r"look like homo_sapiens, not mus_musculus \(507 of 507 gene ids start with ENSG\)"):
         genes.check_organism("mus_musculus", ids, symbols, "s/x")
     mouse_ids = np.array([i.replace("ENSG", "ENSMUSG") for i in ids], dtype=object)
     with pytest.raises(SourceError, match="look like mus_musculus, not homo_sapiens"):
@@ -291,7 +292,8 @@ def test_real_mixed_inputs_get_one_var_row_per_gene_and_mouse_symbols_stay_out(t
     np.testing.assert_allclose(cells["lib_var"], np.var(log), rtol=1e-12)
 
     shown = invoke_cli("show", project.manifest)
-    assert "genes: 508 features -> 506 genes: mapped 10 by alias id, 492 by symbol, 5 by alias symbol" in " ".join(shown.stdout.split())
+    shown_text = " ".join(shown.stdout.split())
+    assert "genes: 508 features -> 506 genes: mapped 10 by alias id, 492 by symbol, 5 by alias symbol" in shown_text
     plan = invoke_cli("plan", "-v", project.manifest)
     assert "genes: 507 features -> 507 genes: mapped 507 by id" in " ".join(plan.stdout.split())
     log_text = "".join(p.read_text() for p in (project.root / "logs").rglob("*.log"))
