@@ -78,8 +78,9 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[
     symbols = raw.feature_names[keep].astype(str)
     ids = _gene_ids(raw.feature_ids[keep].astype(str), symbols)
     qc = _qc(counts, symbols, schema)
+    measured = None
     if schema.genes.universe == "fixed":
-        counts, ids, symbols = _to_universe(counts, ids, symbols, schema)
+        counts, ids, symbols, measured = _to_universe(counts, ids, symbols, schema)
     if counts.nnz and counts.data.max() > _INT32_MAX:
         raise SourceError("a count exceeds the int32 range", where=job.path, hint="these are not UMI counts")
     counts = sp.csr_matrix(counts, dtype=np.int32)
@@ -108,6 +109,8 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[
             var[vcol.name] = types.astype(object) if types is not None else "Gene Expression"
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.uns["soma_manifest"] = {"key": job.key, "conversion": schema.conversion}
+    if measured is not None:  # the genes of the universe the sample has (atlas.measured_genes)
+        adata.uns["soma_manifest"]["measured"] = measured
     return adata, int((~keep).sum())
 
 
@@ -152,7 +155,7 @@ def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, sc
     coo = counts[:, np.flatnonzero(present)].tocoo()
     cols = position[present][coo.col]
     fitted = sp.csr_matrix((coo.data, (coo.row, cols)), shape=(counts.shape[0], len(universe)))
-    return fitted, universe, universe_symbols.astype(str)
+    return fitted, universe, universe_symbols.astype(str), np.sort(position[present])
 
 
 # --- metadata ---------------------------------------------------------------------------------
