@@ -81,6 +81,8 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts) -> tuple[
     measured = None
     if schema.genes.universe == "fixed":
         counts, ids, symbols, measured = _to_universe(counts, ids, symbols, schema)
+    # the sample's genes (its feature presence row), the same for each of its cells
+    qc["n_measured_genes"] = np.full(counts.shape[0], len(ids) if measured is None else len(measured), np.int64)
     if counts.nnz and counts.data.max() > _INT32_MAX:
         raise SourceError("a count exceeds the int32 range", where=job.path, hint="these are not UMI counts")
     counts = sp.csr_matrix(counts, dtype=np.int32)

@@ -152,13 +152,18 @@ def test_presence_of_a_fixed_universe_is_what_the_sample_has(project: Project) -
     ids = project.samples["study_a/s1"].gene_ids[:20] + ["ENSG99999999999"]
     universe.write_text("".join(f"{g}\tSYM{i}\n" for i, g in enumerate(ids)))
     schema = project.root / "fixed.yaml"
-    schema.write_text(DEFAULT_SCHEMA.read_text().replace("universe: union", f"universe: fixed\n  file: {universe}"))
+    text = DEFAULT_SCHEMA.read_text().replace("universe: union", f"universe: fixed\n  file: {universe}")
+    column = "  - {name: n_measured_genes, type: int64, source: computed}\n"
+    schema.write_text(text.replace("var:\n", column + "var:\n"))
     project.write_manifest(schema=schema)
     atlas = sm.load(project.manifest)
     assert atlas.apply(processes=2).ok
     measured = {key: [g for g in ids if g in data.gene_ids] for key, data in project.samples.items()}
     assert atlas.verify(deep=True) == []
     assert_presence(project, atlas, measured)
+    obs = atlas.to_anndata(obs_columns=["study_name", "sample_name", "n_measured_genes"]).obs
+    per_sample = obs.groupby(["study_name", "sample_name"], observed=True)["n_measured_genes"].unique()
+    assert {f"{s}/{n}": list(v) for (s, n), v in per_sample.items()} == {k: [len(g)] for k, g in measured.items()}
 
 
 def test_an_atlas_made_before_the_presence_matrix_gets_it_on_the_next_apply(applied: Project) -> None:
