@@ -1,3 +1,37 @@
-"""soma-manifest: Terraform-style desired state for single-cell atlases in TileDB-SOMA."""
+"""soma-manifest: Terraform-style desired state for single-cell atlases in TileDB-SOMA.
+
+The Python API (the CLI is a thin layer over it)::
+
+    import soma_manifest as sm
+
+    atlas = sm.load("atlas.yaml")          # manifest + schema; ManifestError (.problems) on bad input
+    plan = atlas.plan()                    # the Plan `soma-manifest plan` renders
+    report = atlas.apply(processes=4)      # report.ok, report.failed
+    problems = atlas.verify(deep=False)    # [] when the atlas holds what the state says
+    atlas.samples()                        # the per-sample ledger (pandas), from the state
+    with atlas.open() as exp: ...          # a read-only tiledbsoma.Experiment
+    adata = atlas.to_anndata(samples=["study_1/S1"], genes=["CD3E"])
+    presence = atlas.presence()            # samples x genes, which genes each sample measured
+
+Importing this package stays light: tiledbsoma, anndata and scipy load only when an operation needs them.
+"""
+
+from soma_manifest.api import Atlas, load
+from soma_manifest.errors import (
+    AtlasError,
+    LockError,
+    ManifestError,
+    PlanError,
+    SchemaError,
+    SomaManifestError,
+    SourceError,
+    StateError,
+)
+from soma_manifest.plan import Action, Plan
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Action", "Atlas", "AtlasError", "LockError", "ManifestError", "Plan", "PlanError", "SchemaError",
+    "SomaManifestError", "SourceError", "StateError", "load",
+]

@@ -54,6 +54,7 @@ class ApplyReport:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_worker: int = 0
     log_file: str | None = None
+    swept: list[str] = field(default_factory=list)  # leftovers of killed runs removed before this run
 
     @property
     def ok(self) -> bool:
@@ -234,6 +235,7 @@ def _forget_removed(run: Executor, plan: Plan) -> None:
     removed = [a for a in plan.actions if a.kind == "remove"]
     for action in removed:
         entry = run.state.samples.pop(action.key)
+        run.state.retire_sample(entry)
         if entry.joinids is not None and entry.ingest != "none":
             run.state.orphans.append(entry.joinids)
             run.report.cells_deleted += entry.atlas_cells or 0
@@ -339,8 +341,10 @@ def _allocate(run: Executor, plan: Plan) -> list[Action]:
         if entry.joinids is not None and entry.ingest != "none":
             run.state.orphans.append(entry.joinids)
         entry.joinids = run.state.allocate(entry.cells or 0)
+        run.state.allocate_sample(entry)
         entry.ingest = "allocated"
     atlas.resize_obs(run.uri, run.schema, run.state.next_joinid)
+    atlas.resize_samples(run.uri, run.schema, run.state.next_sample_joinid)
     run.save()
     crash_point("after_allocate")
     return ready
@@ -362,13 +366,18 @@ def _delete_orphans(run: Executor) -> None:
         run.state.orphans.pop(0)
         run.save()
         log.info("deleted joinids [%d, %d)", start, stop)
+    if run.state.orphan_samples:
+        atlas.delete_samples(run.uri, run.schema, run.state.orphan_samples)
+        log.info("deleted the rows of sample joinids %s", run.state.orphan_samples)
+        run.state.orphan_samples = []
+        run.save()
 
 
 def _ingest_all(run: Executor, plan: Plan, ready: list[Action]) -> None:
     jobs = []
     for action in ready:
         entry = run.state.samples[action.key]
-        args = (action.key, run.uri, run.schema, entry.h5ad, entry.joinids[0], run.chunk_nnz)
+        args = (action.key, run.uri, run.schema, entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid)
         jobs.append((action.key, ingest_step, args))
     for action in plan.actions:
         if "write_obs" in action.steps and action.key not in run.report.failed:

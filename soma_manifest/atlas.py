@@ -39,6 +39,10 @@ from soma_manifest.schema import AtlasSchema, Layer
 
 STRUCTURE_KEY = "soma_manifest.structure"
 LINEAGE_KEY = "soma_manifest.lineage"
+#: Set once the samples table and the feature presence matrix hold a row for every ingested sample.
+PRESENCE_KEY = "soma_manifest.feature_presence"
+SAMPLES = "samples"  # top-level DataFrame: one row per sample joinid
+PRESENCE = "feature_presence_matrix"  # in ms/<measurement>: bool, sample joinid x var joinid
 
 #: soma_dim_1 tile extent of cell-optimized X layers. With the whole gene axis in one tile,
 #: TileDB's global order is simply (row, column), so CSR chunks can be written without a sort.
@@ -137,8 +141,25 @@ def _build_experiment(uri: str, schema: AtlasSchema, lineage: str) -> None:
             # Shapes start at 1 (the minimum); resize_obs and extend_var grow them.
             x.add_new_sparse_ndarray(layer.name, type=_ARROW[layer.type], shape=(1, 1),
                                      platform_config=_X_CREATE[layer.optimize])
+        _add_sample_arrays(exp, rna)
         exp.metadata[STRUCTURE_KEY] = schema.structure
         exp.metadata[LINEAGE_KEY] = lineage
+        exp.metadata[PRESENCE_KEY] = "1"
+
+
+def _add_sample_arrays(exp: soma.Experiment, ms: soma.Measurement) -> None:
+    """The samples table and the feature presence matrix, where missing (atlases made before them lack them)."""
+    if SAMPLES not in exp:
+        exp.add_new_dataframe(SAMPLES, schema=_SAMPLES_SCHEMA, domain=((0, 0),))
+    if PRESENCE not in ms:
+        ms.add_new_sparse_ndarray(PRESENCE, type=pa.bool_(), shape=(1, 1))
+
+
+_SAMPLES_SCHEMA = pa.schema([
+    ("soma_joinid", pa.int64()), ("sample_id", pa.large_string()), ("study", pa.large_string()),
+    ("sample", pa.large_string()), ("cells", pa.int64()), ("obs_joinid_start", pa.int64()),
+    ("obs_joinid_stop", pa.int64()), ("n_measured_genes", pa.int64()),
+])
 
 
 def _obs_schema(schema: AtlasSchema) -> pa.Schema:
@@ -180,6 +201,11 @@ def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
         raise SourceError(f"unreadable intermediate h5ad: {exc}", where=path, hint="re-run the convert step") from None
     var.index.name = "var_id"
     return var[[c.name for c in schema.var]].astype(object)
+
+
+def open_experiment(uri: str) -> soma.Experiment:
+    """The atlas, open for reading."""
+    return _open_experiment(uri)
 
 
 def _open_experiment(uri: str) -> soma.Experiment:
@@ -579,3 +605,172 @@ def overview(uri: str) -> Overview:
     samples = {tuple(key.split("/", 1)): n for key, n in zip(per_sample.field("values").to_pylist(),
                                                              per_sample.field("counts").to_pylist())}
     return Overview(cells=len(obs_ids), genes=genes, layers=layers, samples=samples)
+
+
+# ---------------------------------------------------------------- samples table and feature presence
+# A sample gets a fresh sample joinid with every obs range. Its row of the samples table and of the
+# presence matrix are written by its ingest step, before its cells; the rows of a replaced, removed or
+# interrupted version are deleted with its obs range (see State.retire_sample).
+
+
+def presence_complete(uri: str) -> bool:
+    """Whether the atlas has the samples table and presence matrix, filled for every ingested sample."""
+    with _open_experiment(uri) as exp:
+        return exp.metadata.get(PRESENCE_KEY) == "1"
+
+
+def add_sample_arrays(uri: str, schema: AtlasSchema) -> None:
+    """Create the samples table and presence matrix in an atlas made before them (idempotent)."""
+    with soma.Experiment.open(uri, "w") as exp:
+        _add_sample_arrays(exp, exp.ms[schema.measurement])
+
+
+def mark_presence_complete(uri: str) -> None:
+    with soma.Experiment.open(uri, "w") as exp:
+        exp.metadata[PRESENCE_KEY] = "1"
+
+
+def _sample_members(uri: str, schema: AtlasSchema) -> tuple[str, str]:
+    """URIs of the samples table and the presence matrix."""
+    with _open_experiment(uri) as exp:
+        ms = exp.ms[schema.measurement]
+        if SAMPLES not in exp or PRESENCE not in ms:
+            raise AtlasError("the atlas has no samples table or feature presence matrix", where=uri,
+                             hint="run apply: it adds them to atlases made before them")
+        return exp[SAMPLES].uri, ms[PRESENCE].uri
+
+
+def measured_genes(h5ad: str) -> pd.Index:
+    """The var ids a sample measured: its h5ad's var, less the genes a fixed universe only padded in."""
+    try:
+        with h5py.File(h5ad, "r") as f:
+            ids = anndata.io.read_elem(f["var"]).index
+            measured = f.get("uns/soma_manifest/measured")
+            return ids[measured[:]] if measured is not None else ids
+    except (OSError, KeyError) as exc:
+        raise SourceError(f"unreadable intermediate h5ad: {exc}", where=h5ad, hint="re-run the convert step") from None
+
+
+def _presence_columns(var: soma.DataFrame, genes: pd.Index, where: str) -> np.ndarray:
+    joinids = _var_ids(var).reindex(genes.astype(str))
+    if joinids.isna().any():
+        raise AtlasError(f"genes of {where} are not in the atlas' var (e.g. {joinids.index[joinids.isna()][0]})",
+                         where=where, hint="extend_var must run before ingest")
+    return np.sort(joinids.to_numpy(dtype=np.int64))
+
+
+def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5ad: str, start: int) -> int:
+    """Write the sample's row of the samples table and its presence row (true for every measured gene).
+    Runs before its cells are written. Returns the number of measured genes."""
+    samples_uri, presence_uri = _sample_members(uri, schema)
+    genes = measured_genes(h5ad)
+    with h5py.File(h5ad, "r") as f:
+        cells = int(f["X"].attrs["shape"][0])
+    with soma.DataFrame.open(_members(uri, schema).var) as var:
+        columns = _presence_columns(var, genes, h5ad)
+    study, sample = key.split("/", 1)
+    row = pa.table({"soma_joinid": [sample_joinid], "sample_id": [key], "study": [study], "sample": [sample],
+                    "cells": [cells], "obs_joinid_start": [start], "obs_joinid_stop": [start + cells],
+                    "n_measured_genes": [len(columns)]}, schema=_SAMPLES_SCHEMA)
+    with _mutation() as stamp:
+        with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp) as table:
+            table.write(row)
+        with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp) as presence:
+            presence.write(pa.table({"soma_dim_0": np.full(len(columns), sample_joinid, dtype=np.int64),
+                                     "soma_dim_1": columns, "soma_data": np.ones(len(columns), dtype=bool)}))
+    return len(columns)
+
+
+def resize_samples(uri: str, schema: AtlasSchema, n_samples: int) -> None:
+    """Grow the samples table to n_samples rows and the presence matrix to n_samples x the var domain."""
+    samples_uri, presence_uri = _sample_members(uri, schema)
+    with soma.DataFrame.open(_members(uri, schema).var) as var:
+        n_var = _df_size(var)
+    with _mutation() as stamp:
+        with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp) as table:
+            if _df_size(table) < n_samples:
+                table.tiledbsoma_resize_soma_joinid_shape(n_samples)
+        with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp) as presence:
+            shape = (max(presence.shape[0], n_samples), max(presence.shape[1], n_var))
+            if shape != presence.shape:
+                presence.resize(shape)
+
+
+def delete_samples(uri: str, schema: AtlasSchema, sample_joinids: list[int]) -> None:
+    """Delete these rows of the samples table and of the presence matrix (absent ones are no error)."""
+    samples_uri, presence_uri = _sample_members(uri, schema)
+    with _mutation() as stamp:
+        with soma.DataFrame.open(samples_uri, "d", tiledb_timestamp=stamp) as table:
+            inside = [j for j in sample_joinids if j < _df_size(table)]
+            if inside:
+                table.delete_cells((inside,))
+        with soma.SparseNDArray.open(presence_uri, "d", tiledb_timestamp=stamp) as presence:
+            inside = [j for j in sample_joinids if j < presence.shape[0]]
+            if inside:
+                presence.delete_cells((inside,))
+
+
+def read_samples_table(uri: str, schema: AtlasSchema) -> pd.DataFrame:
+    """The samples table, indexed by sample joinid."""
+    samples_uri, _ = _sample_members(uri, schema)
+    with soma.DataFrame.open(samples_uri) as table:
+        return table.read().concat().to_pandas().set_index("soma_joinid")
+
+
+def read_presence_rows(uri: str, schema: AtlasSchema) -> dict[int, np.ndarray]:
+    """Every presence row: sample joinid -> sorted var joinids."""
+    _, presence_uri = _sample_members(uri, schema)
+    with soma.SparseNDArray.open(presence_uri) as presence:
+        table = presence.read().tables().concat()
+    rows, cols = table["soma_dim_0"].to_numpy(), table["soma_dim_1"].to_numpy()
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    bounds = np.flatnonzero(np.diff(rows)) + 1
+    return {int(r[0]): c for r, c in zip(np.split(rows, bounds), np.split(cols, bounds)) if len(r)}
+
+
+def x_columns(uri: str, schema: AtlasSchema, start: int, stop: int) -> np.ndarray:
+    """The var joinids that have an entry in any X layer for cells [start, stop)."""
+    found = [np.zeros(0, dtype=np.int64)]
+    for layer_uri in _members(uri, schema).layers.values():
+        with soma.SparseNDArray.open(layer_uri) as x:
+            for s in _clip([(start, stop)], x.shape[0]):
+                found += [t["soma_dim_1"].to_numpy() for t in x.read((s,)).tables()]
+    return np.unique(np.concatenate(found))
+
+
+def var_joinids(exp: soma.Experiment, schema: AtlasSchema, genes: list[str]) -> np.ndarray:
+    """The var joinids of genes given by id or symbol (a symbol: every row carrying it), sorted."""
+    symbol = next((c.name for c in schema.var if c.source == "feature_name"), None)
+    var = exp.ms[schema.measurement].var
+    table = var.read(column_names=["soma_joinid", "var_id", *([symbol] if symbol else [])]).concat().to_pandas()
+    wanted = pd.Series(genes, dtype=object)
+    hit = table["var_id"].isin(wanted) | (table[symbol].isin(wanted) if symbol else False)
+    found = set(table["var_id"]) | (set(table[symbol]) if symbol else set())
+    unknown = [g for g in genes if g not in found]
+    if unknown:
+        raise AtlasError(f"{len(unknown)} gene(s) not in the atlas: {', '.join(unknown[:5])}", where=exp.uri,
+                         hint="give var ids (var_id) or symbols" + (f" ({symbol})" if symbol else ""))
+    return np.sort(table.loc[hit, "soma_joinid"].to_numpy(dtype=np.int64))
+
+
+def read_presence(exp: soma.Experiment, schema: AtlasSchema, samples: dict[int, str]) -> anndata.AnnData:
+    """The presence matrix of these samples (sample joinid -> key) as AnnData: obs = the samples table
+    indexed by sample key, var indexed by var_id, X bool CSR."""
+    ms = exp.ms[schema.measurement]
+    if SAMPLES not in exp or PRESENCE not in ms:
+        raise AtlasError("the atlas has no samples table or feature presence matrix", where=exp.uri,
+                         hint="run apply: it adds them to atlases made before them")
+    joinids = np.array(sorted(samples), dtype=np.int64)
+    var = ms.var.read().concat().to_pandas().sort_values("soma_joinid").set_index("var_id")
+    if len(joinids):  # empty coordinates would read every row
+        obs = exp[SAMPLES].read((joinids,)).concat().to_pandas()
+        entries = ms[PRESENCE].read((joinids,)).tables().concat()
+        rows = pd.Index(joinids).get_indexer(entries["soma_dim_0"].to_numpy())
+        cols = pd.Index(var["soma_joinid"]).get_indexer(entries["soma_dim_1"].to_numpy())
+    else:
+        obs, rows, cols = _SAMPLES_SCHEMA.empty_table().to_pandas(), np.zeros(0, int), np.zeros(0, int)
+    obs = obs.set_index("soma_joinid").reindex(joinids)
+    obs.index = pd.Index([samples[j] for j in joinids], name="sample_key")
+    x = sp.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(len(joinids), len(var)))
+    return anndata.AnnData(X=x, obs=obs, var=var.drop(columns="soma_joinid"))

@@ -19,11 +19,10 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from soma_manifest import api
 from soma_manifest.errors import ManifestError, PlanError, SomaManifestError
 from soma_manifest.manifest import LoadedManifest, load_manifest, manifest_json_schema
-from soma_manifest.plan import PLAN_FORMAT_VERSION, Plan, atlas_present, make_plan, observe
-from soma_manifest.schema import AtlasSchema, load_schema
-from soma_manifest.state import load_state
+from soma_manifest.plan import PLAN_FORMAT_VERSION, Plan
 
 try:  # recent typer vendors click; older releases use click itself
     from typer._click.exceptions import ClickException
@@ -92,50 +91,18 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def _load(manifest_path: Path) -> tuple[LoadedManifest, AtlasSchema]:
-    manifest = load_manifest(manifest_path)
-    with manifest.referenced("schema"):
-        return manifest, load_schema(manifest.schema_path)
-
-
-def _compute_plan(manifest: LoadedManifest, schema: AtlasSchema):
-    state = load_state(manifest.state_path)
-    observations = observe(manifest, state)
-    plan = make_plan(manifest, schema, observations, state, atlas_present=atlas_present(manifest.atlas_uri))
-    # The plan names its manifest relative to where plan ran (the repository root in CI), so that
-    # `apply plan.json` finds it in whichever checkout of the repository it runs.
-    return plan.model_copy(update={"manifest": _relative_to_cwd(manifest.path)}), observations, state
-
-
-def _relative_to_cwd(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 # --- commands ---------------------------------------------------------------------------------
 
 @app.command()
 def validate(manifests: list[Path] = typer.Argument(..., help="One or more manifest files."),
              no_color: NoColor = False) -> None:
     """Check manifests, their schemas and raw layouts. Writes nothing. Exit 1 if any is invalid."""
-    from soma_manifest.sources import discover, sample_files
 
     def run() -> int:
         failures = 0
         for path in manifests:
             try:
-                manifest, _ = _load(path)
-                samples = discover(manifest)
-                problems = []
-                for s in samples:
-                    try:
-                        sample_files(s)
-                    except SomaManifestError as exc:
-                        problems.append(f"{s.key}: {exc.render()}")
-                if problems:
-                    raise ManifestError(problems)
+                samples = api.load(path).validate()
             except ManifestError as exc:
                 failures += 1
                 Output.err().print(f"[red]invalid:[/] {_escape(str(path))}")
@@ -233,18 +200,18 @@ def plan(
     chosen = PlanFormat.json if as_json else fmt or PlanFormat.text
 
     def run() -> int:
-        manifest, schema = _load(manifest_path)
-        the_plan, _, state = _compute_plan(manifest, schema)
+        atlas = api.load(manifest_path)
+        the_plan = atlas.plan()
         if out is not None:
-            _write_plan(render.plan_json(the_plan), out)
+            _write_plan(the_plan.to_json(), out)
             Output.err().print(f"Saved the plan to {_escape(str(out))}; apply it with "
                                f"`soma-manifest apply {_escape(str(out))}` from this directory.")
         if chosen is PlanFormat.json:
-            sys.stdout.write(render.plan_json(the_plan) + "\n")
+            sys.stdout.write(the_plan.to_json() + "\n")
         elif chosen is PlanFormat.markdown:
             sys.stdout.write(render.plan_markdown(the_plan) + "\n")
         else:
-            Output.out().print(render.plan_text(the_plan, verbose=verbose, state=state))
+            Output.out().print(render.plan_text(the_plan, verbose=verbose, state=atlas.state if verbose else None))
         return 2 if detailed_exitcode and the_plan.has_changes else 0
 
     _guard(run)
@@ -301,33 +268,32 @@ def apply(
     no_color: NoColor = False,
 ) -> None:
     """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
-    from soma_manifest import apply as executor
     from soma_manifest import render
-    from soma_manifest.lock import AtlasLock, lock_path
     from soma_manifest.progress import progress_reporter
-    from soma_manifest.sweep import sweep_leftovers
 
     def run() -> int:
         saved = _read_saved_plan(target)
-        manifest, schema = _load(_saved_manifest(saved) if saved else target)
+        atlas = api.load(_saved_manifest(saved) if saved else target)
         err = Output.err()
-        with AtlasLock(lock_path(manifest.state_path)) as lock:
-            for path in sweep_leftovers(manifest, lock.path):
-                err.print(f"Removed {_escape(str(path))}, left by an interrupted run.")
-            the_plan, observations, state = _compute_plan(manifest, schema)
+        planned: list[Plan] = []
+
+        def announce(the_plan: Plan) -> None:
+            planned.append(the_plan)
             if saved is not None:
-                executor.check_saved_plan(saved, the_plan)
                 err.print(f"Applying the plan saved at {saved.created_at} ({_escape(str(target))}).")
-            state = executor.open_state(manifest, state, schema)
             if not the_plan.has_changes:
                 err.print(f"No changes: {the_plan.summary.samples} samples up to date. Nothing to do.")
-                return 0
-            err.print(render.plan_text(the_plan))
-            workers = processes or manifest.spec.processes or os.cpu_count() or 1
-            with progress_reporter(err) as reporter:
-                report = executor.execute(manifest, schema, the_plan, observations, state, processes=workers,
-                                          allow_delete=allow_delete, reporter=reporter, chunk_nnz=chunk_nnz)
-        _print_report(report, manifest)
+            else:
+                err.print(render.plan_text(the_plan))
+
+        with progress_reporter(err) as reporter:
+            report = atlas.apply(processes=processes, allow_delete=allow_delete, plan=saved, reporter=reporter,
+                                 on_plan=announce, chunk_nnz=chunk_nnz)
+        for path in report.swept:
+            err.print(f"Removed {_escape(path)}, left by an interrupted run.")
+        if not planned[0].has_changes:
+            return 0
+        _print_report(report, atlas.manifest)
         return 0 if report.ok else 1
 
     _guard(run)
@@ -354,32 +320,21 @@ def verify(
     no_color: NoColor = False,
 ) -> None:
     """Check that the atlas holds exactly what the state says. Exit 1 on drift."""
-    from soma_manifest.verify import verify as run_verify
-
     def run() -> int:
-        manifest, schema = _load(manifest_path)
-        state = _require_state(manifest)
-        problems = run_verify(str(manifest.atlas_uri), schema, state, deep=deep)
+        atlas = api.load(manifest_path)
+        problems = atlas.verify(deep=deep)
         if problems:
-            Output.out().print(f"[red]Drift found in {_escape(str(manifest.atlas_uri))}:[/]")
+            Output.out().print(f"[red]Drift found in {_escape(atlas.uri)}:[/]")
             for p in problems:
                 Output.out().print(f"  - {_escape(p)}")
             return 1
+        state = atlas.require_state()
         cells = sum(s.atlas_cells or 0 for s in state.samples.values() if s.ingest == "done")
         Output.out().print(f"OK: {len(state.samples)} samples, {cells:,} cells match the state"
                            + (" and their h5ad files" if deep else "") + ".")
         return 0
 
     _guard(run)
-
-
-def _require_state(manifest: LoadedManifest):
-    from soma_manifest.errors import StateError
-
-    state = load_state(manifest.state_path)
-    if state is None:
-        raise StateError("no state file yet", where=manifest.state_path, hint="run `soma-manifest apply` first")
-    return state
 
 
 @app.command()
@@ -393,8 +348,8 @@ def show(
     from soma_manifest import render
 
     def run() -> int:
-        manifest, schema = _load(manifest_path)
-        state = _require_state(manifest)
+        the_atlas = api.load(manifest_path)
+        state = the_atlas.require_state()
         if as_json:
             sys.stdout.write(render.ledger_json(state) + "\n")
         else:
@@ -402,9 +357,10 @@ def show(
         if summary:
             from soma_manifest import atlas
 
-            ov = atlas.overview(str(manifest.atlas_uri))
-            Output.out().print(f"\nAtlas {_escape(str(manifest.atlas_uri))}: {ov.cells:,} cells x {ov.genes:,} genes, "
+            ov = atlas.overview(the_atlas.uri)
+            Output.out().print(f"\nAtlas {_escape(the_atlas.uri)}: {ov.cells:,} cells x {ov.genes:,} genes, "
                                f"layers {', '.join(ov.layers)}, {len(ov.samples)} samples")
+            schema = the_atlas.schema
             Output.out().print("Read it with: tiledbsoma.Experiment.open(uri).axis_query('"
                                f"{schema.measurement}').to_anndata(X_name='{schema.counts_layer.name}')",
                                markup=False)

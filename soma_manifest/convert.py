@@ -95,8 +95,11 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
             schema.genes.unmapped_policy, job.key)
         symbols = symbols.astype(str)
         types = None  # every mapped gene is a gene-expression feature
+    measured = None
     if schema.genes.universe == "fixed":
-        counts, ids, symbols = _to_universe(counts, ids, symbols, schema)
+        counts, ids, symbols, measured = _to_universe(counts, ids, symbols, schema)
+    # the sample's genes (its feature presence row), the same for each of its cells
+    qc["n_measured_genes"] = np.full(counts.shape[0], len(ids) if measured is None else len(measured), np.int64)
     if counts.nnz and counts.data.max() > _INT32_MAX:
         raise SourceError("a count exceeds the int32 range", where=job.path, hint="these are not UMI counts")
     counts = sp.csr_matrix(counts, dtype=np.int32)
@@ -124,6 +127,8 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
             var[vcol.name] = types.astype(object) if types is not None else "Gene Expression"
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.uns["soma_manifest"] = {"key": job.key, "conversion": schema.conversion}
+    if measured is not None:  # the genes of the universe the sample has (atlas.measured_genes)
+        adata.uns["soma_manifest"]["measured"] = measured
     return adata, int((~keep).sum()), mapping
 
 
@@ -172,7 +177,7 @@ def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, sc
     coo = counts[:, np.flatnonzero(present)].tocoo()
     cols = position[present][coo.col]
     fitted = sp.csr_matrix((coo.data, (coo.row, cols)), shape=(counts.shape[0], len(universe)))
-    return fitted, universe, universe_symbols.astype(str)
+    return fitted, universe, universe_symbols.astype(str), np.sort(position[present])
 
 
 # --- metadata ---------------------------------------------------------------------------------

@@ -114,6 +114,10 @@ class Plan(_Frozen):
     def has_changes(self) -> bool:
         return self.create_atlas or bool(self.actions)
 
+    def to_json(self) -> str:
+        """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
+        return self.model_dump_json(indent=1)
+
     def comparable(self) -> dict:
         """The parts that must match between a saved plan and the one computed at apply time.
 

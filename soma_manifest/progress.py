@@ -11,11 +11,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class _BarReporter:
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
+    """Draws its bars from the first phase on, so nothing is drawn while apply waits for the lock or plans."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
 
     def phase(self, name: str, total: int) -> None:
+        if self.progress is None:
+            columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.progress = Progress(*columns, console=self.console, transient=False)
+            self.progress.start()
         self.tasks[name] = self.progress.add_task(name, total=total)
 
     def advance(self, name: str, key: str, ok: bool) -> None:
@@ -24,6 +31,10 @@ class _BarReporter:
             self.progress.console.print(f"  [red]failed[/] {name} {escape(key)}")
 
     def done(self, name: str) -> None: ...
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 class _LineReporter:
@@ -49,6 +60,8 @@ def progress_reporter(console: Console) -> Iterator[object]:
     if not console.is_terminal:
         yield _LineReporter(console)
         return
-    columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        yield _BarReporter(progress)
+    reporter = _BarReporter(console)
+    try:
+        yield reporter
+    finally:
+        reporter.close()

@@ -106,11 +106,6 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def plan_json(plan: Plan) -> str:
-    """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
-    return plan.model_dump_json(indent=1)
-
-
 def plan_json_schema() -> dict:
     """The JSON Schema of the plan document, generated from the Plan model."""
     schema = Plan.model_json_schema(mode="serialization")

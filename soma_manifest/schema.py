@@ -20,7 +20,8 @@ from soma_manifest.yamlio import load_yaml, pydantic_problems
 
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool"]
 ObsSource = Literal["barcode", "sample", "study", "sample_metadata", "cell_metadata", "computed"]
-Computed = Literal["nnz", "umi_counts", "n_genes", "pct_mito", "pct_ribo", "log_mean", "log_var"]
+Computed = Literal["nnz", "umi_counts", "n_genes", "pct_mito", "pct_ribo", "log_mean", "log_var",
+                   "n_measured_genes"]
 LayerSource = Literal["counts", "normalized", "log1p"]
 LayerType = Literal["int32", "int64", "float32", "float64"]
 

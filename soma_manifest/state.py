@@ -97,6 +97,8 @@ class SampleState(_Model):
     atlas_cells: int | None = None
     atlas_nnz: int | None = None
     ingested_at: str | None = None
+    # its row of the samples table and the feature presence matrix; fresh with every joinid range
+    sample_joinid: int | None = None
     # the last failure, cleared by the next success
     failed_step: str | None = None
     error: str | None = None
@@ -121,6 +123,8 @@ class State(_Model):
     next_joinid: int = 0
     samples: dict[str, SampleState] = Field(default_factory=dict)
     orphans: list[tuple[int, int]] = Field(default_factory=list)  # joinid ranges to delete
+    next_sample_joinid: int = 0
+    orphan_samples: list[int] = Field(default_factory=list)  # sample joinids whose rows are to delete
     studies: dict[str, StudyCache] = Field(default_factory=dict)
 
     def allocate(self, n: int) -> tuple[int, int]:
@@ -128,6 +132,18 @@ class State(_Model):
         start = self.next_joinid
         self.next_joinid += n
         return (start, start + n)
+
+    def allocate_sample(self, entry: SampleState) -> None:
+        """Give the sample a fresh sample joinid (never reused); its previous one is queued for deletion."""
+        self.retire_sample(entry)
+        entry.sample_joinid = self.next_sample_joinid
+        self.next_sample_joinid += 1
+
+    def retire_sample(self, entry: SampleState) -> None:
+        """Queue the sample's rows of the samples table and presence matrix for deletion."""
+        if entry.sample_joinid is not None:
+            self.orphan_samples.append(entry.sample_joinid)
+            entry.sample_joinid = None
 
     def known_ranges(self) -> list[tuple[int, int]]:
         """Every range the state accounts for: samples' (whatever their status) and orphans."""

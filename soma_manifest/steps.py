@@ -58,10 +58,16 @@ def convert_step(job, schema: AtlasSchema) -> Outcome:
     return _run(job.key, "convert", lambda: convert_sample(job, schema))
 
 
-def ingest_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int, chunk_nnz: int) -> Outcome:
-    from soma_manifest.atlas import ingest_h5ad
+def ingest_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int, chunk_nnz: int,
+                sample_joinid: int) -> Outcome:
+    from soma_manifest.atlas import ingest_h5ad, write_sample
 
-    return _run(key, "ingest", lambda: ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz))
+    def ingest():
+        # The sample's rows first: a range whose cells were written always has them, to be deleted with it.
+        write_sample(uri, schema, sample_joinid, key, h5ad, start)
+        return ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz)
+
+    return _run(key, "ingest", ingest)
 
 
 def write_obs_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int) -> Outcome:

@@ -6,6 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from soma_manifest import atlas
+from soma_manifest.errors import SourceError
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import SampleState, State
 
@@ -39,9 +40,56 @@ def verify(uri: str, schema: AtlasSchema, state: State, *, deep: bool = False) -
     stray = atlas.count_x_outside(uri, schema, known)
     if stray:
         problems.append(f"{stray} X entries outside every range the state knows")
+    problems.extend(_presence(uri, schema, state, done, deep))
     if deep:
         for key, s in done.items():
             problems.extend(_compare_with_h5ad(uri, schema, key, s))
+    return problems
+
+
+def _presence(uri: str, schema: AtlasSchema, state: State, done: dict[str, SampleState], deep: bool) -> list[str]:
+    """The samples table and presence matrix hold one row per ingested sample: its cells and obs range, and
+    exactly the genes of its h5ad; no rows of other samples. Deep: no X entry outside its presence row."""
+    if not atlas.presence_complete(uri):
+        return ["the atlas has no samples table and feature presence matrix yet; run apply to add them"]
+    table = atlas.read_samples_table(uri, schema)
+    rows = atlas.read_presence_rows(uri, schema)
+    var_ids = atlas.read_var_ids(uri, schema)
+    problems = []
+    for key, s in done.items():
+        j = s.sample_joinid
+        if j is None or j not in table.index:
+            problems.append(f"{key}: no row in the samples table")
+        else:
+            got = table.loc[j]
+            if (got["sample_id"], got["cells"], got["obs_joinid_start"], got["obs_joinid_stop"]) != \
+                    (key, s.atlas_cells, *s.joinids):
+                problems.append(f"{key}: its samples table row ({got['sample_id']}, {got['cells']} cells, joinids "
+                                f"{got['obs_joinid_start']}-{got['obs_joinid_stop']}) differs from the state")
+        if not s.h5ad:
+            problems.append(f"{key}: no h5ad recorded; cannot check its feature presence row")
+            continue
+        try:
+            genes = atlas.measured_genes(s.h5ad)
+        except SourceError as exc:
+            problems.append(f"{key}: cannot check its feature presence row: {exc.render()}")
+            continue
+        expected = np.sort(var_ids.reindex(genes.astype(str)).dropna().to_numpy(dtype=np.int64))
+        present = rows.get(j, np.zeros(0, dtype=np.int64)) if j is not None else np.zeros(0, dtype=np.int64)
+        if len(expected) != len(genes) or not np.array_equal(present, expected):
+            problems.append(f"{key}: its feature presence row has {len(present)} genes, its h5ad {len(genes)} "
+                            f"({len(np.setdiff1d(present, expected))} extra, {len(np.setdiff1d(expected, present))} "
+                            "missing)")
+        elif deep:
+            outside = np.setdiff1d(atlas.x_columns(uri, schema, *s.joinids), present)
+            if len(outside):
+                problems.append(f"{key}: X has entries in {len(outside)} gene(s) outside its presence row")
+    known = {s.sample_joinid for s in state.samples.values() if s.sample_joinid is not None}
+    known |= set(state.orphan_samples)
+    stray = sorted((set(table.index) | set(rows)) - known)
+    if stray:
+        problems.append(f"rows of {len(stray)} unknown sample joinid(s) in the samples table or presence matrix, "
+                        f"e.g. {stray[:5]}")
     return problems
 
 

@@ -1,0 +1,255 @@
+"""The Python API: an `Atlas` holds the operations; the CLI only parses arguments, calls them and prints.
+
+Heavy imports (tiledbsoma, anndata, scipy, pandas) happen inside the methods that need them, so that
+`import soma_manifest` and `Atlas.plan()` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from soma_manifest.errors import AtlasError, StateError
+from soma_manifest.manifest import LoadedManifest, load_manifest
+from soma_manifest.plan import Observations, Plan, atlas_present, make_plan, observe
+from soma_manifest.schema import AtlasSchema, load_schema
+from soma_manifest.sources import SampleSource
+from soma_manifest.state import State, load_state
+
+if TYPE_CHECKING:
+    import anndata
+    import pandas as pd
+    import tiledbsoma
+
+    from soma_manifest.apply import ApplyReport, Reporter
+
+
+def load(path: str | os.PathLike[str]) -> Atlas:
+    """The atlas a manifest describes: its manifest and schema, parsed and checked.
+
+    Raises ManifestError (every problem in `.problems`, each located `file:line`) for an invalid manifest,
+    SchemaError for an invalid schema. The state file is read when an operation needs it.
+    """
+    manifest = load_manifest(Path(path))
+    with manifest.referenced("schema"):
+        return Atlas(manifest, load_schema(manifest.schema_path))
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """One atlas: the manifest (desired state), its schema, and the state file (what was done)."""
+
+    manifest: LoadedManifest
+    schema: AtlasSchema
+
+    @property
+    def uri(self) -> str:
+        """Where the TileDB-SOMA Experiment lives."""
+        return str(self.manifest.atlas_uri)
+
+    @property
+    def state(self) -> State | None:
+        """The state file as it is now on disk; None before the first apply."""
+        return load_state(self.manifest.state_path)
+
+    def require_state(self) -> State:
+        """The state; StateError when there is none yet."""
+        state = self.state
+        if state is None:
+            raise StateError("no state file yet", where=self.manifest.state_path,
+                             hint="run `soma-manifest apply` first")
+        return state
+
+    # --- desired state ----------------------------------------------------------------------------
+
+    def validate(self) -> list[SampleSource]:
+        """The selected samples, after checking that each one's raw files are there. Writes nothing.
+
+        Raises ManifestError listing every sample whose raw files are missing or unusable.
+        """
+        from soma_manifest.errors import ManifestError, SomaManifestError
+        from soma_manifest.sources import discover, sample_files
+
+        samples = discover(self.manifest)
+        problems = []
+        for s in samples:
+            try:
+                sample_files(s)
+            except SomaManifestError as exc:
+                problems.append(f"{s.key}: {exc.render()}")
+        if problems:
+            raise ManifestError(problems)
+        return samples
+
+    def plan(self) -> Plan:
+        """What apply would do to each sample, and why (pure; no tiledbsoma import)."""
+        return self._plan()[0]
+
+    def _plan(self) -> tuple[Plan, Observations, State | None]:
+        state = self.state
+        observations = observe(self.manifest, state)
+        plan = make_plan(self.manifest, self.schema, observations, state,
+                         atlas_present=atlas_present(self.manifest.atlas_uri))
+        # The plan names its manifest relative to where plan ran (the repository root in CI), so that
+        # `apply plan.json` finds it in whichever checkout of the repository it runs.
+        return plan.model_copy(update={"manifest": _relative_to_cwd(self.manifest.path)}), observations, state
+
+    # --- changes ----------------------------------------------------------------------------------
+
+    def apply(self, processes: int | None = None, allow_delete: bool = False, *, plan: Plan | None = None,
+              reporter: Reporter | None = None, on_plan: Callable[[Plan], None] | None = None,
+              chunk_nnz: int | None = None) -> ApplyReport:
+        """Make the atlas match the manifest, under the atlas lock; the same executor as `soma-manifest apply`.
+
+        processes: worker processes (default: the manifest's, else the CPU count). allow_delete: allow
+        deleting the cells of samples that left the manifest (else such a plan is refused, changing nothing).
+        plan: a plan saved earlier (e.g. `Plan.model_validate_json(text)`); refused (PlanError) when it no
+        longer describes what apply would do. on_plan: called with the plan about to run, once it is checked.
+        Failures of single samples are in `report.failed`; `report.ok` is False when any sample failed.
+        """
+        from soma_manifest import apply as executor
+        from soma_manifest.lock import AtlasLock, lock_path
+        from soma_manifest.presence import upgrade
+        from soma_manifest.sweep import sweep_leftovers
+
+        with AtlasLock(lock_path(self.manifest.state_path)) as lock:
+            swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
+            current, observations, state = self._plan()
+            if plan is not None:
+                executor.check_saved_plan(plan, current)
+            state = executor.open_state(self.manifest, state, self.schema)
+            upgrade(self.manifest, self.schema, state)
+            if on_plan is not None:
+                on_plan(current)
+            if not current.has_changes:
+                return executor.ApplyReport(unchanged=len(current.unchanged), swept=swept)
+            workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
+            options = {} if chunk_nnz is None else {"chunk_nnz": chunk_nnz}
+            report = executor.execute(self.manifest, self.schema, current, observations, state, processes=workers,
+                                      allow_delete=allow_delete, reporter=reporter, **options)
+            report.swept = swept
+            return report
+
+    # --- checks and reads -------------------------------------------------------------------------
+
+    def verify(self, deep: bool = False) -> list[str]:
+        """Every drift between the atlas and the state, one line each; [] when they match.
+
+        deep: also compare every sample's X and obs with its h5ad, and its X entries with its presence row.
+        Raises StateError when there is no state yet.
+        """
+        from soma_manifest.verify import verify
+
+        return verify(self.uri, self.schema, self.require_state(), deep=deep)
+
+    def samples(self) -> pd.DataFrame:
+        """The per-sample ledger from the state (no atlas read), indexed by "<study>/<sample>".
+
+        Columns: study, sample, format, status (done, allocated = interrupted, none = not ingested, failed),
+        cells, nnz (in the atlas once ingested, else of its h5ad), joinid_start, joinid_stop (its obs
+        soma_joinids, [start, stop)), sample_joinid (its row of the samples table and of the feature presence
+        matrix), converted, ingested_at, failed_step, error, h5ad.
+        """
+        import pandas as pd
+
+        from soma_manifest.render import ledger_rows
+
+        state = self.state
+        rows = ledger_rows(state) if state is not None else []
+        entries = state.samples if state is not None else {}
+        table = pd.DataFrame.from_records([{
+            "key": r["key"], "study": entries[r["key"]].study, "sample": entries[r["key"]].sample,
+            "format": r["format"], "status": "failed" if r["failed_step"] else r["ingest"],
+            "cells": r["cells"], "nnz": r["nnz"],
+            "joinid_start": r["joinids"][0] if r["joinids"] else None,
+            "joinid_stop": r["joinids"][1] if r["joinids"] else None,
+            "sample_joinid": entries[r["key"]].sample_joinid,
+            "converted": r["converted"], "ingested_at": r["ingested_at"], "failed_step": r["failed_step"],
+            "error": r["error"], "h5ad": r["h5ad"],
+        } for r in rows], columns=_SAMPLE_COLUMNS)
+        for column in ("cells", "nnz", "joinid_start", "joinid_stop", "sample_joinid"):
+            table[column] = table[column].astype("Int64")
+        return table.set_index("key").rename_axis("sample_key")
+
+    def open(self) -> tiledbsoma.Experiment:
+        """The atlas as a read-only tiledbsoma.Experiment: `with atlas.open() as exp: ...`."""
+        return self._experiment()
+
+    def _experiment(self) -> tiledbsoma.Experiment:
+        # The one place that opens the experiment for reading, so that reading as of an earlier
+        # apply needs a change here only.
+        from soma_manifest.atlas import open_experiment
+
+        return open_experiment(self.uri)
+
+    def to_anndata(self, samples: Sequence[str] | None = None, genes: Sequence[str] | None = None,
+                   layer: str = "raw", obs_columns: Sequence[str] | None = None,
+                   obs_filter: str | None = None) -> anndata.AnnData:
+        """Cells of the atlas as AnnData: obs indexed by obs_id, var by var_id, X from `layer`.
+
+        samples: "<study>/<sample>" keys (default: all cells). genes: var ids or symbols; a symbol selects
+        every var row that carries it (default: all genes). obs_columns: obs columns to read (default all).
+        obs_filter: a tiledbsoma value filter on obs, e.g. "cell_type == 'T cell'". An unknown sample, gene,
+        layer or column raises AtlasError.
+        """
+        import tiledbsoma as soma
+
+        from soma_manifest.atlas import var_joinids
+
+        layers = [x.name for x in self.schema.layers]
+        if layer not in layers:
+            raise AtlasError(f"no X layer '{layer}' (layers: {', '.join(layers)})", where=self.uri)
+        if obs_columns is not None:
+            known = {c.name for c in self.schema.obs} | {"obs_id", "soma_joinid"}
+            unknown = [c for c in obs_columns if c not in known]
+            if unknown:
+                raise AtlasError(f"no obs column {', '.join(map(repr, unknown))}", where=self.uri)
+            obs_columns = ["obs_id", *(c for c in obs_columns if c != "obs_id")]
+        obs_coords = self._obs_joinids(samples) if samples is not None else None
+        with self._experiment() as exp:
+            var_coords = None if genes is None else var_joinids(exp, self.schema, list(genes))
+            query = exp.axis_query(
+                self.schema.measurement,
+                obs_query=soma.AxisQuery(coords=(obs_coords,) if obs_coords is not None else (),
+                                         value_filter=obs_filter),
+                var_query=soma.AxisQuery(coords=(var_coords,)) if var_coords is not None else None)
+            return query.to_anndata(X_name=layer, column_names={"obs": obs_columns, "var": None},
+                                    obs_id_name="obs_id", var_id_name="var_id")
+
+    def _obs_joinids(self, keys: Sequence[str]):
+        """The obs soma_joinids of these samples, from the state's ranges."""
+        import numpy as np
+
+        state = self.require_state()
+        ranges = []
+        for key in keys:
+            entry = state.samples.get(key)
+            if entry is None or entry.ingest != "done" or entry.joinids is None:
+                raise AtlasError(f"no sample {key} in the atlas", where=self.uri,
+                                 hint="samples are named <study>/<sample>; see atlas.samples()")
+            ranges.append(np.arange(*entry.joinids, dtype=np.int64))
+        return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
+    def presence(self) -> anndata.AnnData:
+        """Which genes each sample measured: obs = the ingested samples (indexed by "<study>/<sample>", with
+        the samples table's columns), var indexed by var_id, X = a scipy.sparse bool matrix (CSR)."""
+        from soma_manifest.atlas import read_presence
+
+        state = self.require_state()
+        done = {s.sample_joinid: key for key, s in state.samples.items()
+                if s.ingest == "done" and s.sample_joinid is not None}
+        with self._experiment() as exp:
+            return read_presence(exp, self.schema, done)
+
+
+_SAMPLE_COLUMNS = ["key", "study", "sample", "format", "status", "cells", "nnz", "joinid_start", "joinid_stop",
+                   "sample_joinid", "converted", "ingested_at", "failed_step", "error", "h5ad"]
+
+
+def _relative_to_cwd(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
