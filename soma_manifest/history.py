@@ -1,0 +1,111 @@
+"""Apply history: one state entry per apply that changed the atlas, with the TileDB timestamp to read
+the atlas as that apply left it, and which entries compaction keeps readable."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+from soma_manifest import __version__
+from soma_manifest.errors import StateError
+from soma_manifest.manifest import KeepHistory, LoadedManifest
+from soma_manifest.plan import Plan
+from soma_manifest.state import HistoryEntry, State, save_state
+
+if TYPE_CHECKING:
+    from soma_manifest.apply import ApplyReport
+
+# Plan kinds as history words: resumed and retried samples may be new or replacements.
+_WORDS = {"add": "added", "ingest": "added", "replace": "replaced", "update": "updated", "remove": "removed",
+          "resume": "resumed", "retry": "retried", "cleanup": "cleaned up"}
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyReport) -> HistoryEntry | None:
+    """At the end of an apply: add its entry to the state and save it, if the apply changed the atlas.
+
+    The timestamp is taken after the apply's last write and the clock is then let pass it, so that
+    opening the atlas at it shows everything this apply wrote and nothing written later
+    (see atlas._mutation for the same discipline on writes).
+    """
+    changes: dict[str, list[str]] = {}
+    cells_added = cells_deleted = 0
+    done = set(report.succeeded)
+    for action in plan.actions:
+        if action.kind == "remove":
+            ok = action.key in report.removed
+        elif action.kind == "cleanup":
+            ok = action.delete_range is not None and list(action.delete_range) not in map(list, state.orphans)
+        else:
+            ok = action.key in done
+        if not ok or action.kind == "invalid":
+            continue
+        changes.setdefault(_WORDS[action.kind], []).append(action.key)
+        entry = state.samples.get(action.key)
+        if action.ingests and entry is not None:
+            cells_added += entry.atlas_cells or 0
+        if action.kind in ("remove", "cleanup") or (action.ingests and action.delete_range):
+            cells_deleted += (action.delete_range[1] - action.delete_range[0]) if action.delete_range else \
+                action.cells or 0
+    if not changes and not report.created_atlas:
+        return None
+    stamp = _now_ms()
+    while _now_ms() <= stamp:
+        time.sleep(0.0005)
+    finished = datetime.now(timezone.utc)
+    started = finished - timedelta(seconds=report.seconds.get("total", 0.0))
+    entry = HistoryEntry(
+        serial=state.serial + 1,  # save_state bumps it
+        started_at=started.isoformat(timespec="seconds"), finished_at=finished.isoformat(timespec="seconds"),
+        timestamp_ms=stamp, changes=changes, cells_added=cells_added, cells_deleted=cells_deleted,
+        cells_total=sum(s.atlas_cells or 0 for s in state.samples.values() if s.ingest == "done"),
+        manifest_digest=manifest.digest, tool_version=__version__)
+    state.history.append(entry)
+    save_state(state, manifest.state_path)
+    return entry
+
+
+def kept_serials(state: State, keep: KeepHistory) -> set[int]:
+    """The applies the retention setting keeps readable: the last `applies` ones and those of the last `days`."""
+    kept = {e.serial for e in state.history[-keep.applies:]} if keep.applies else set()
+    if keep.days:
+        since = (datetime.now(timezone.utc) - timedelta(days=keep.days)).isoformat(timespec="seconds")
+        kept |= {e.serial for e in state.history if e.finished_at >= since}
+    return kept
+
+
+def oldest_kept_timestamp(state: State, keep: KeepHistory) -> int | None:
+    """The timestamp compaction must keep the atlas readable from; None when no apply is kept."""
+    kept = kept_serials(state, keep)
+    stamps = [e.timestamp_ms for e in state.history if e.serial in kept]
+    return min(stamps) if stamps else None
+
+
+def is_readable(state: State, entry: HistoryEntry) -> bool:
+    """Whether the atlas still reads exactly as this apply left it (no purge removed cells it held)."""
+    purged = state.compaction.purged_until_ms
+    return purged is None or entry.timestamp_ms >= purged
+
+
+def timestamp_of(state: State, serial: int) -> int:
+    """The TileDB timestamp (ms) to open the atlas at to read it as apply `serial` left it."""
+    entry = next((e for e in state.history if e.serial == serial), None)
+    if entry is None:
+        known = ", ".join(str(e.serial) for e in state.history[-10:]) or "none yet"
+        raise StateError(f"no apply with serial {serial} in the history (the last ones: {known})",
+                         hint="`soma-manifest history` lists the applies and their serials")
+    if not is_readable(state, entry):
+        raise StateError(f"apply {serial} is no longer readable: a compaction purged cells deleted after it",
+                         hint="compaction.keep_history sets which applies stay readable; "
+                              "`soma-manifest history` says which are")
+    return entry.timestamp_ms
+
+
+def describe(entry: HistoryEntry) -> str:
+    """`added 2, replaced 1` for an entry."""
+    return ", ".join(f"{word} {len(keys)}" for word, keys in entry.changes.items()) or "created the atlas"
+
