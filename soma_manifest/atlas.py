@@ -208,6 +208,14 @@ def _mutation() -> Iterator[int]:
         time.sleep(0.0005)
 
 
+def settled_timestamp() -> int:
+    """A timestamp after every mutation finished so far and before any started from now on: opening the
+    atlas at it reads exactly what has been written up to now (the apply history records it)."""
+    with _mutation() as stamp:
+        pass
+    return stamp
+
+
 # ---------------------------------------------------------------- var and domains
 
 

@@ -246,6 +246,7 @@ def apply(
 ) -> None:
     """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
     from soma_manifest import apply as executor
+    from soma_manifest import compact as compaction
     from soma_manifest import render
     from soma_manifest.lock import AtlasLock, lock_path
     from soma_manifest.progress import progress_reporter
@@ -261,6 +262,7 @@ def apply(
                 err.print(f"Applying the plan saved at {saved.created_at} ({_escape(str(target))}).")
             state = executor.open_state(manifest, state, schema)
             if not the_plan.has_changes:
+                compaction.finish_pending(manifest, state)
                 err.print(f"No changes: {the_plan.summary.samples} samples up to date. Nothing to do.")
                 return 0
             err.print(render.plan_text(the_plan))

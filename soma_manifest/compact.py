@@ -89,21 +89,27 @@ def most_fragments(manifest: LoadedManifest) -> int:
 
 def after_apply(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyReport) -> None:
     """apply's last step: record the apply in the history, then compact if an array has too many
-    fragments (compaction.after_fragments) or a killed compaction left work behind.
-
-    A failed compaction does not fail the apply (the atlas is complete and readable): it is logged,
-    and stays pending for the next apply or compact.
-    """
-    history.record(manifest, plan, state, report)
-    if not atlas.atlas_exists(str(manifest.atlas_uri)):
-        return
+    fragments (compaction.after_fragments) or a killed compaction left work behind."""
+    history.record(manifest, plan, state, report, atlas.settled_timestamp())
     threshold = manifest.spec.compaction.after_fragments
+    if atlas.atlas_exists(str(manifest.atlas_uri)) and (state.compaction.pending or (
+            threshold is not False and most_fragments(manifest) > threshold)):
+        _compact_logged(manifest, state)
+
+
+def finish_pending(manifest: LoadedManifest, state: State) -> None:
+    """For an apply with nothing else to do: finish the work of a killed compaction."""
+    if state.compaction.pending and atlas.atlas_exists(str(manifest.atlas_uri)):
+        _compact_logged(manifest, state)
+
+
+def _compact_logged(manifest: LoadedManifest, state: State) -> None:
+    """Compact inside an apply. A failure does not fail the apply (the atlas is complete and readable):
+    it is logged, and stays pending for the next apply or compact."""
     try:
-        if not state.compaction.pending and (threshold is False or most_fragments(manifest) <= threshold):
-            return
         result = compact(manifest, state)
     except AtlasError as exc:
-        log.error("compaction failed, the next apply or `soma-manifest compact` retries it: %s", exc.render())
+        log.error("compaction failed; the next apply or `soma-manifest compact` retries it: %s", exc.render())
         return
     log.info("compacted the atlas: %d fragments -> %d (%.1fs)", result.fragments_before, result.fragments_after,
              result.seconds)

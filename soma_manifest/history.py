@@ -3,7 +3,6 @@ the atlas as that apply left it, and which entries compaction keeps readable."""
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -21,16 +20,11 @@ _WORDS = {"add": "added", "ingest": "added", "replace": "replaced", "update": "u
           "resume": "resumed", "retry": "retried", "cleanup": "cleaned up"}
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyReport) -> HistoryEntry | None:
+def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyReport,
+           timestamp_ms: int) -> HistoryEntry | None:
     """At the end of an apply: add its entry to the state and save it, if the apply changed the atlas.
 
-    The timestamp is taken after the apply's last write and the clock is then let pass it, so that
-    opening the atlas at it shows everything this apply wrote and nothing written later
-    (see atlas._mutation for the same discipline on writes).
+    `timestamp_ms` is after the apply's last write and before any later one (atlas.settled_timestamp).
     """
     changes: dict[str, list[str]] = {}
     cells_added = cells_deleted = 0
@@ -53,15 +47,12 @@ def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyRepo
                 action.cells or 0
     if not changes and not report.created_atlas:
         return None
-    stamp = _now_ms()
-    while _now_ms() <= stamp:
-        time.sleep(0.0005)
     finished = datetime.now(timezone.utc)
     started = finished - timedelta(seconds=report.seconds.get("total", 0.0))
     entry = HistoryEntry(
         serial=state.serial + 1,  # save_state bumps it
         started_at=started.isoformat(timespec="seconds"), finished_at=finished.isoformat(timespec="seconds"),
-        timestamp_ms=stamp, changes=changes, cells_added=cells_added, cells_deleted=cells_deleted,
+        timestamp_ms=timestamp_ms, changes=changes, cells_added=cells_added, cells_deleted=cells_deleted,
         cells_total=sum(s.atlas_cells or 0 for s in state.samples.values() if s.ingest == "done"),
         manifest_digest=manifest.digest, tool_version=__version__)
     state.history.append(entry)

@@ -142,13 +142,14 @@ def test_a_state_without_history_loads_and_gains_it(applied: Project) -> None:
     assert "added 1; 130 cells" in listing.stdout and "kept readable" in listing.stdout
 
 
-# (command that gets killed, crash point): before any array, between arrays, and inside apply's own compaction.
-KILLS = [("compact", "compact_started"), ("compact", "compact_after_array:2"), ("apply", "compact_after_array")]
+# (command killed, crash point, what finishes): before any array, between arrays, inside apply's own compaction.
+KILLS = [("compact", "compact_started", "compact"), ("compact", "compact_after_array:2", "apply with no changes"),
+         ("apply", "compact_after_array", "apply with changes")]
 
 
-@pytest.mark.parametrize(("command", "point"), KILLS, ids=[f"{c}-{p}" for c, p in KILLS])
+@pytest.mark.parametrize(("command", "point", "finisher"), KILLS, ids=[f"{c}-{p}" for c, p, _ in KILLS])
 def test_kill_during_compaction_leaves_a_verified_atlas_that_the_next_run_finishes(
-        applied: Project, command: str, point: str) -> None:
+        applied: Project, command: str, point: str, finisher: str) -> None:
     change_everything(applied)
     if command == "compact":
         apply_ok(applied, "--allow-delete")
@@ -165,10 +166,12 @@ def test_kill_during_compaction_leaves_a_verified_atlas_that_the_next_run_finish
     assert result.returncode == 0, result.stdout
     serial = read_state(applied).history[0].serial
     assert invoke_cli("show", applied.manifest, "--summary", "--serial", str(serial)).returncode == 0
-    if command == "compact":
+    if finisher == "compact":
         result = invoke_cli("compact", applied.manifest)
         assert result.returncode == 0, result.stderr
         assert "Finished the work of an interrupted compaction." in result.stdout
+    elif finisher == "apply with no changes":
+        assert "No changes" in apply_ok(applied).stderr
     else:
         applied.add_mtx("study_c", "s1", make_sample(20, 20, seed=13))
         applied.write_manifest(extra="compaction:\n  after_fragments: 2\n")
