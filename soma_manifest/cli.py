@@ -404,6 +404,7 @@ def history(
 def compact(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_color: NoColor = False) -> None:
     """Consolidate and vacuum every array of the atlas, under the lock; the applies that
     compaction.keep_history retains stay readable."""
+    from soma_manifest import atlas
     from soma_manifest import compact as compaction
     from soma_manifest.apply import open_state
     from soma_manifest.lock import AtlasLock, lock_path
@@ -412,7 +413,7 @@ def compact(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_co
         manifest, schema = _load(manifest_path)
         with AtlasLock(lock_path(manifest.state_path)):
             state = open_state(manifest, _require_state(manifest), schema)
-            if not manifest.atlas_uri.exists():
+            if not atlas.atlas_exists(str(manifest.atlas_uri)):
                 Output.err().print("No atlas yet: nothing to compact.")
                 return 0
             report = compaction.compact(manifest, state)

@@ -63,7 +63,9 @@ def compact(manifest: LoadedManifest, state: State) -> CompactionReport:
     for name, uri in atlas.array_uris(str(manifest.atlas_uri)).items():
         deletes = atlas.delete_timestamps(uri)
         # Purging applies every delete of the array: only when none is newer than the oldest kept apply.
-        purge = bool(deletes) and deletes[-1] > purged_until and (keep_from is None or deletes[-1] <= keep_from)
+        # Deletes purged already are purged again only to finish a killed compaction.
+        fresh = deletes and (deletes[-1] > purged_until or state.compaction.pending)
+        purge = bool(fresh) and (keep_from is None or deletes[-1] <= keep_from)
         work.append((name, uri, purge, deletes[-1] if purge else 0))
     state.compaction.pending = True
     state.compaction.purged_until_ms = max([purged_until] + [t for *_, t in work]) or None
