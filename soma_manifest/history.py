@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from soma_manifest import __version__
 from soma_manifest.errors import StateError
 from soma_manifest.manifest import KeepHistory, LoadedManifest
-from soma_manifest.plan import Plan
+from soma_manifest.plan import Action, Plan
 from soma_manifest.state import HistoryEntry, State, save_state
 
 if TYPE_CHECKING:
@@ -28,23 +28,14 @@ def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyRepo
     """
     changes: dict[str, list[str]] = {}
     cells_added = cells_deleted = 0
-    done = set(report.succeeded)
     for action in plan.actions:
-        if action.kind == "remove":
-            ok = action.key in report.removed
-        elif action.kind == "cleanup":
-            ok = action.delete_range is not None and list(action.delete_range) not in map(list, state.orphans)
-        else:
-            ok = action.key in done
-        if not ok or action.kind == "invalid":
+        if not _succeeded(action, report, state):
             continue
         changes.setdefault(_WORDS[action.kind], []).append(action.key)
         entry = state.samples.get(action.key)
         if action.ingests and entry is not None:
             cells_added += entry.atlas_cells or 0
-        if action.kind in ("remove", "cleanup") or (action.ingests and action.delete_range):
-            cells_deleted += (action.delete_range[1] - action.delete_range[0]) if action.delete_range else \
-                action.cells or 0
+        cells_deleted += _cells_deleted(action)
     if not changes and not report.created_atlas:
         return None
     finished = datetime.now(timezone.utc)
@@ -58,6 +49,21 @@ def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyRepo
     state.history.append(entry)
     save_state(state, manifest.state_path)
     return entry
+
+
+def _succeeded(action: Action, report: ApplyReport, state: State) -> bool:
+    if action.kind == "remove":
+        return action.key in report.removed
+    if action.kind == "cleanup":
+        return action.delete_range is not None and action.delete_range not in state.orphans
+    return action.kind != "invalid" and action.key in report.succeeded
+
+
+def _cells_deleted(action: Action) -> int:
+    """Cells this (succeeded) action took out of the atlas: an old version, a removed sample, orphans."""
+    if action.delete_range and (action.ingests or action.kind in ("remove", "cleanup")):
+        return action.delete_range[1] - action.delete_range[0]
+    return (action.cells or 0) if action.kind == "remove" else 0
 
 
 def kept_serials(state: State, keep: KeepHistory) -> set[int]:
