@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import tiledbsoma
 
     from soma_manifest.apply import ApplyReport, Reporter
+    from soma_manifest.compact import CompactReport
 
 
 def load(path: str | os.PathLike[str]) -> Atlas:
@@ -110,6 +111,7 @@ class Atlas:
         Failures of single samples are in `report.failed`; `report.ok` is False when any sample failed.
         """
         from soma_manifest import apply as executor
+        from soma_manifest import compact
         from soma_manifest.lock import AtlasLock, lock_path
         from soma_manifest.presence import upgrade
         from soma_manifest.sweep import sweep_leftovers
@@ -124,6 +126,7 @@ class Atlas:
             if on_plan is not None:
                 on_plan(current)
             if not current.has_changes:
+                compact.finish_pending(self.manifest, state)
                 return executor.ApplyReport(unchanged=len(current.unchanged), swept=swept)
             workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
             options = {} if chunk_nnz is None else {"chunk_nnz": chunk_nnz}
@@ -173,26 +176,55 @@ class Atlas:
             table[column] = table[column].astype("Int64")
         return table.set_index("key").rename_axis("sample_key")
 
-    def open(self) -> tiledbsoma.Experiment:
-        """The atlas as a read-only tiledbsoma.Experiment: `with atlas.open() as exp: ...`."""
-        return self._experiment()
+    def open(self, serial: int | None = None) -> tiledbsoma.Experiment:
+        """The atlas as a read-only tiledbsoma.Experiment: `with atlas.open() as exp: ...`.
 
-    def _experiment(self) -> tiledbsoma.Experiment:
-        # The one place that opens the experiment for reading, so that reading as of an earlier
-        # apply needs a change here only.
+        serial: read the atlas exactly as apply `serial` left it (see `history()`); StateError when that
+        apply is unknown or a compaction made it unreadable.
+        """
+        return self._experiment(serial)
+
+    def _experiment(self, serial: int | None = None) -> tiledbsoma.Experiment:
+        # The one place that opens the experiment for reading: now, or as of an earlier apply.
         from soma_manifest.atlas import open_experiment
+        from soma_manifest.history import timestamp_of
 
-        return open_experiment(self.uri)
+        timestamp = timestamp_of(self.require_state(), serial) if serial is not None else None
+        return open_experiment(self.uri, timestamp)
+
+    def history(self) -> list[dict]:
+        """The applies that changed the atlas, oldest first: each history entry of the state, plus `readable`
+        (can still be opened with `open(serial=...)`) and `kept` (retained by compaction.keep_history)."""
+        from soma_manifest import history as hist
+
+        state = self.require_state()
+        kept = hist.kept_serials(state, self.manifest.spec.compaction.keep_history)
+        return [{**e.model_dump(), "readable": hist.is_readable(state, e), "kept": e.serial in kept}
+                for e in state.history]
+
+    def compact(self) -> CompactReport | None:
+        """Consolidate and vacuum every array of the atlas under the lock; None when there is no atlas yet.
+        The applies that compaction.keep_history retains stay readable."""
+        from soma_manifest import atlas
+        from soma_manifest import compact as compaction
+        from soma_manifest.apply import open_state
+        from soma_manifest.lock import AtlasLock, lock_path
+
+        with AtlasLock(lock_path(self.manifest.state_path)):
+            state = open_state(self.manifest, self.require_state(), self.schema)
+            if not atlas.atlas_exists(self.uri):
+                return None
+            return compaction.compact(self.manifest, state)
 
     def to_anndata(self, samples: Sequence[str] | None = None, genes: Sequence[str] | None = None,
                    layer: str = "raw", obs_columns: Sequence[str] | None = None,
-                   obs_filter: str | None = None) -> anndata.AnnData:
+                   obs_filter: str | None = None, serial: int | None = None) -> anndata.AnnData:
         """Cells of the atlas as AnnData: obs indexed by obs_id, var by var_id, X from `layer`.
 
         samples: "<study>/<sample>" keys (default: all cells). genes: var ids or symbols; a symbol selects
         every var row that carries it (default: all genes). obs_columns: obs columns to read (default all).
         obs_filter: a tiledbsoma value filter on obs, e.g. "cell_type == 'T cell'". An unknown sample, gene,
-        layer or column raises AtlasError.
+        layer or column raises AtlasError. serial: read the atlas as apply `serial` left it (see `open`).
         """
         import tiledbsoma as soma
 
@@ -207,8 +239,9 @@ class Atlas:
             if unknown:
                 raise AtlasError(f"no obs column {', '.join(map(repr, unknown))}", where=self.uri)
             obs_columns = ["obs_id", *(c for c in obs_columns if c != "obs_id")]
-        obs_coords = self._obs_joinids(samples) if samples is not None else None
-        with self._experiment() as exp:
+        with self._experiment(serial) as exp:
+            obs_coords = None if samples is None else (
+                self._obs_joinids(samples) if serial is None else _obs_joinids_as_read(exp, samples))
             var_coords = None if genes is None else var_joinids(exp, self.schema, list(genes))
             query = exp.axis_query(
                 self.schema.measurement,
@@ -242,6 +275,24 @@ class Atlas:
                 if s.ingest == "done" and s.sample_joinid is not None}
         with self._experiment() as exp:
             return read_presence(exp, self.schema, done)
+
+
+def _obs_joinids_as_read(exp: tiledbsoma.Experiment, keys: Sequence[str]):
+    """The obs soma_joinids of these samples as the experiment reads (at an earlier apply, the state's
+    ranges may be those of later versions): by the obs_id prefix "<study>/<sample>/"."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = exp.obs.read(column_names=["soma_joinid", "obs_id"]).concat()
+    prefix = pc.replace_substring_regex(table["obs_id"], pattern="/[^/]*$", replacement="")
+    found = []
+    for key in keys:
+        hits = table["soma_joinid"].filter(pc.equal(prefix, key)).to_numpy()
+        if not len(hits):
+            raise AtlasError(f"no sample {key} in the atlas at that apply", where=exp.uri,
+                             hint="samples are named <study>/<sample>; see show --serial N --summary")
+        found.append(hits)
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 _SAMPLE_COLUMNS = ["key", "study", "sample", "format", "status", "cells", "nnz", "joinid_start", "joinid_stop",

@@ -14,7 +14,7 @@ from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from soma_manifest import atlas, genes
+from soma_manifest import atlas, compact, genes
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError
 from soma_manifest.faults import crash_point
@@ -201,6 +201,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
         _timed(run, "ingest", lambda: _ingest_all(run, plan, ingests))
         _timed(run, "verify", lambda: _quick_verify(run))
         run.report.seconds["total"] = time.perf_counter() - started
+        compact.after_apply(manifest, plan, state, run.report)  # history entry, then compaction if due
         parent = peak_rss()
         _write_run_summary(manifest, run.report, parent)
     return run.report

@@ -173,19 +173,19 @@ def _var_schema(schema: AtlasSchema) -> pa.Schema:
 
 
 def read_structure(uri: str) -> str | None:
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         return exp.metadata.get(STRUCTURE_KEY)
 
 
 def read_lineage(uri: str) -> str | None:
     """The lineage of the state file the atlas was created with."""
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         return exp.metadata.get(LINEAGE_KEY)
 
 
 def column_names(uri: str, schema: AtlasSchema) -> tuple[list[str], list[str], list[str]]:
     """obs column names, var column names and X layer names as they are on disk."""
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         ms = exp.ms[schema.measurement] if schema.measurement in exp.ms else None
         var = list(ms.var.schema.names) if ms is not None else []
         layers = list(ms.X.keys()) if ms is not None and "X" in ms else []
@@ -203,20 +203,16 @@ def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
     return var[[c.name for c in schema.var]].astype(object)
 
 
-def open_experiment(uri: str) -> soma.Experiment:
-    """The atlas, open for reading."""
-    return _open_experiment(uri)
-
-
-def _open_experiment(uri: str) -> soma.Experiment:
+def open_experiment(uri: str, timestamp: int | None = None) -> soma.Experiment:
+    """The experiment, read-only; with `timestamp` (ms), as it was at that moment (TileDB time travel)."""
     try:
-        return soma.Experiment.open(uri)
+        return soma.Experiment.open(uri, tiledb_timestamp=timestamp)
     except soma.DoesNotExistError:
         raise AtlasError("no atlas here", where=uri, hint="run apply to create it") from None
 
 
 def _members(uri: str, schema: AtlasSchema) -> _Members:
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         try:
             ms = exp.ms[schema.measurement]
             return _Members(obs=exp.obs.uri, var=ms.var.uri,
@@ -240,6 +236,14 @@ def _mutation() -> Iterator[int]:
     yield stamp
     while _now_ms() <= stamp:
         time.sleep(0.0005)
+
+
+def settled_timestamp() -> int:
+    """A timestamp after every mutation finished so far and before any started from now on: opening the
+    atlas at it reads exactly what has been written up to now (the apply history records it)."""
+    with _mutation() as stamp:
+        pass
+    return stamp
 
 
 # ---------------------------------------------------------------- var and domains
@@ -528,7 +532,7 @@ def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]) ->
 
 def obs_joinids_outside(uri: str, ranges: list[tuple[int, int]]) -> list[int]:
     """Up to 100 obs soma_joinids outside all the ranges (orphans), lowest first."""
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         obs = exp.obs
         gaps = _gaps(ranges, _df_size(obs))
         ids: list[int] = []
@@ -587,15 +591,16 @@ def _count_entries(x: soma.SparseNDArray, ranges: list[tuple[int, int]]) -> int:
 def read_sample(uri: str, schema: AtlasSchema, start: int, stop: int) -> anndata.AnnData:
     """Cells [start, stop) with all genes, as a user reads them: X = counts, other layers in .layers."""
     others = [layer.name for layer in schema.layers if layer.name != schema.counts_layer.name]
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         query = exp.axis_query(schema.measurement, obs_query=soma.AxisQuery(coords=(slice(start, stop - 1),)))
         return query.to_anndata(X_name=schema.counts_layer.name, X_layers=others,
                                 obs_id_name="obs_id", var_id_name="var_id")
 
 
-def overview(uri: str) -> Overview:
-    """Sizes of the atlas and its cells per (study, sample), parsed from obs_id."""
-    with _open_experiment(uri) as exp:
+def overview(uri: str, timestamp: int | None = None) -> Overview:
+    """Sizes of the atlas (as it was at `timestamp`, by default now) and its cells per (study, sample),
+    parsed from obs_id."""
+    with open_experiment(uri, timestamp) as exp:
         obs_ids = exp.obs.read(column_names=["obs_id"]).concat()["obs_id"]
         (ms,) = exp.ms.values()
         genes = ms.var.count
@@ -615,7 +620,7 @@ def overview(uri: str) -> Overview:
 
 def presence_complete(uri: str) -> bool:
     """Whether the atlas has the samples table and presence matrix, filled for every ingested sample."""
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         return exp.metadata.get(PRESENCE_KEY) == "1"
 
 
@@ -632,7 +637,7 @@ def mark_presence_complete(uri: str) -> None:
 
 def _sample_members(uri: str, schema: AtlasSchema) -> tuple[str, str]:
     """URIs of the samples table and the presence matrix."""
-    with _open_experiment(uri) as exp:
+    with open_experiment(uri) as exp:
         ms = exp.ms[schema.measurement]
         if SAMPLES not in exp or PRESENCE not in ms:
             raise AtlasError("the atlas has no samples table or feature presence matrix", where=uri,
@@ -774,3 +779,67 @@ def read_presence(exp: soma.Experiment, schema: AtlasSchema, samples: dict[int, 
     obs.index = pd.Index([samples[j] for j in joinids], name="sample_key")
     x = sp.csr_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(len(joinids), len(var)))
     return anndata.AnnData(X=x, obs=obs, var=var.drop(columns="soma_joinid"))
+
+
+# ---------------------------------------------------------------- compaction (see docs/operations.md)
+
+_ARRAY_TYPES = (soma.DataFrame, soma.SparseNDArray, soma.DenseNDArray)
+
+
+def array_uris(uri: str) -> dict[str, str]:
+    """Every array of the experiment, found by walking it: its path inside the experiment -> its URI."""
+    found: dict[str, str] = {}
+
+    def walk(collection: soma.Collection, prefix: str) -> None:
+        for key, member in collection.items():
+            if isinstance(member, _ARRAY_TYPES):
+                found[prefix + key] = member.uri
+            else:
+                walk(member, f"{prefix}{key}/")
+
+    with open_experiment(uri) as exp:
+        walk(exp, "")
+    return found
+
+
+def _local_folder(array_uri: str, sub: str) -> Path:
+    # TileDB's own layout: one folder per fragment in __fragments, one commit file per write or delete.
+    if array_uri.startswith("file://"):
+        array_uri = array_uri[len("file://"):]
+    elif "://" in array_uri:
+        raise AtlasError("compaction lists array folders on local storage only", where=array_uri)
+    return Path(array_uri) / sub
+
+
+def fragment_count(array_uri: str) -> int:
+    """Fragment folders of the array, including consolidated ones a killed vacuum left behind."""
+    folder = _local_folder(array_uri, "__fragments")
+    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+
+
+def delete_timestamps(array_uri: str) -> list[int]:
+    """The timestamps (ms) of the array's deletes, from their commit files `__<t1>_<t2>_<uuid>_<v>.del`."""
+    folder = _local_folder(array_uri, "__commits")
+    names = [p.name for p in folder.iterdir() if p.suffix == ".del"] if folder.is_dir() else []
+    return sorted(int(name.lstrip("_").split("_")[1]) for name in names)
+
+
+def consolidate_array(array_uri: str, *, purge: bool) -> None:
+    """Consolidate all fragments of one array into one, then vacuum the merged ones.
+
+    The consolidated fragment keeps every cell's timestamp, so the array still reads exactly at any
+    earlier timestamp, except that `purge` drops the cells of every delete (see docs/operations.md).
+    Uses tiledbsoma's own handle: the same TileDB core that reads and writes the atlas.
+    """
+    config = {"sm.consolidation.mode": "fragments", "sm.vacuum.mode": "fragments",
+              "sm.consolidation.purge_deleted_cells": "true" if purge else "false"}
+    try:
+        with soma.open(array_uri, context=soma.SOMATileDBContext(tiledb_config=config)) as array:
+            consolidate = getattr(getattr(array, "_handle", None), "consolidate_and_vacuum", None)
+            if consolidate is None:
+                raise AtlasError(f"tiledbsoma {soma.__version__} cannot consolidate arrays (its array handle has no "
+                                 "consolidate_and_vacuum)", where=array_uri,
+                                 hint="use the tiledbsoma version soma-manifest is tested with (pyproject.toml)")
+            consolidate(["fragments"])
+    except soma.SOMAError as exc:
+        raise AtlasError(f"consolidation failed: {exc}", where=array_uri, hint="run compact again") from None

@@ -342,10 +342,16 @@ def show(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable ledger."),
     summary: bool = typer.Option(False, "--summary", help="Summarize the atlas itself (cells, genes, samples)."),
+    serial: Optional[int] = typer.Option(None, "--serial", help="With --summary: the atlas as apply SERIAL left it "
+                                                                 "(see `history`)."),
     no_color: NoColor = False,
 ) -> None:
     """The per-sample ledger from the state."""
     from soma_manifest import render
+
+    if serial is not None and not summary:
+        raise typer.BadParameter("--serial needs --summary (the ledger is always the current state's)",
+                                 param_hint="--serial")
 
     def run() -> int:
         the_atlas = api.load(manifest_path)
@@ -356,14 +362,72 @@ def show(
             Output.out().print(render.ledger_text(state))
         if summary:
             from soma_manifest import atlas
+            from soma_manifest.history import timestamp_of
 
-            ov = atlas.overview(the_atlas.uri)
-            Output.out().print(f"\nAtlas {_escape(the_atlas.uri)}: {ov.cells:,} cells x {ov.genes:,} genes, "
-                               f"layers {', '.join(ov.layers)}, {len(ov.samples)} samples")
+            timestamp = timestamp_of(state, serial) if serial is not None else None
+            ov = atlas.overview(the_atlas.uri, timestamp)
+            when = f" as apply {serial} left it" if serial is not None else ""
+            Output.out().print(f"\nAtlas {_escape(the_atlas.uri)}{when}: {ov.cells:,} cells x "
+                               f"{ov.genes:,} genes, layers {', '.join(ov.layers)}, {len(ov.samples)} samples")
+            for (study, sample), cells in sorted(ov.samples.items()) if serial is not None else ():
+                Output.out().print(f"  {study}/{sample}: {cells:,} cells", markup=False)
+            at = f", tiledb_timestamp={timestamp}" if timestamp is not None else ""
             schema = the_atlas.schema
-            Output.out().print("Read it with: tiledbsoma.Experiment.open(uri).axis_query('"
+            Output.out().print(f"Read it with: tiledbsoma.Experiment.open(uri{at}).axis_query('"
                                f"{schema.measurement}').to_anndata(X_name='{schema.counts_layer.name}')",
                                markup=False)
+        return 0
+
+    _guard(run)
+
+
+@app.command()
+def history(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable history."),
+    no_color: NoColor = False,
+) -> None:
+    """The applies that changed the atlas, and which of them can still be read (`show --serial N --summary`)."""
+    from soma_manifest import history as hist
+
+    def run() -> int:
+        the_atlas = api.load(manifest_path)
+        rows = the_atlas.history()
+        if as_json:
+            compaction = the_atlas.require_state().compaction.model_dump()
+            sys.stdout.write(json.dumps({"history": rows, "compaction": compaction}, indent=1) + "\n")
+            return 0
+        out = Output.out()
+        if not rows:
+            out.print("No applies recorded yet.")
+        for row in rows:
+            status = ("kept readable" if row["kept"] else "readable until a compaction purges deletes after it") \
+                if row["readable"] else "[red]no longer readable[/] (compaction purged cells deleted after it)"
+            out.print(f"serial {row['serial']}  {row['finished_at']}  {hist.describe(row['changes'])}; "
+                      f"{row['cells_total']:,} cells  tiledb_timestamp={row['timestamp_ms']}  {status}")
+        return 0
+
+    _guard(run)
+
+
+@app.command()
+def compact(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_color: NoColor = False) -> None:
+    """Consolidate and vacuum every array of the atlas, under the lock; the applies that
+    compaction.keep_history retains stay readable."""
+    def run() -> int:
+        the_atlas = api.load(manifest_path)
+        report = the_atlas.compact()
+        if report is None:
+            Output.err().print("No atlas yet: nothing to compact.")
+            return 0
+        out = Output.out()
+        if report.finished_interrupted:
+            out.print("Finished the work of an interrupted compaction.")
+        for a in report.arrays:
+            purged = "  (deleted cells purged)" if a.purged else ""
+            out.print(f"  {a.name}: {a.fragments_before} -> {a.fragments_after} fragments{purged}", markup=False)
+        out.print(f"Compacted {_escape(the_atlas.uri)}: {report.fragments_before} -> "
+                  f"{report.fragments_after} fragments in {report.seconds:.1f}s.")
         return 0
 
     _guard(run)

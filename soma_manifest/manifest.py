@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from soma_manifest.errors import ManifestError, SomaManifestError
 from soma_manifest.yamlio import LocatedYaml, load_yaml, pydantic_problems
@@ -45,6 +45,32 @@ class StudySpec(_Frozen):
     )
 
 
+#: Fragments in one array above which apply compacts the atlas at its end (see bench/compaction.py).
+DEFAULT_AFTER_FRAGMENTS = 64
+
+
+class KeepHistory(_Frozen):
+    """Which applies stay readable (`show --serial N`) through compactions: the union of both limits."""
+
+    applies: PositiveInt | None = Field(default=10, description="Keep the last N applies readable.")
+    days: PositiveFloat | None = Field(default=None, description="Keep the applies of the last N days readable.")
+
+
+class CompactionSpec(_Frozen):
+    after_fragments: Literal[False] | PositiveInt = Field(
+        default=DEFAULT_AFTER_FRAGMENTS,
+        description="apply compacts the atlas when an array has more fragments than this; false: never.")
+    keep_history: KeepHistory = Field(default_factory=KeepHistory,
+                                      description="Which applies compaction keeps readable.")
+
+    @field_validator("after_fragments", mode="before")
+    @classmethod
+    def _not_true(cls, value: object) -> object:
+        if value is True:
+            raise ValueError("give a number of fragments, or false to turn automatic compaction off")
+        return value
+
+
 class Manifest(_Frozen):
     """soma-manifest manifest, format version 1. Relative paths resolve against the manifest's folder."""
 
@@ -55,6 +81,8 @@ class Manifest(_Frozen):
     schema_: str = Field(alias="schema", description="Atlas schema file (see schemas/default.yaml).")
     storage: StorageSpec
     processes: PositiveInt | None = Field(default=None, description="Default worker count for apply.")
+    compaction: CompactionSpec = Field(default_factory=CompactionSpec,
+                                       description="Consolidating the atlas' fragments, and the history kept readable.")
     studies: list[StudySpec] = Field(min_length=1)
 
     @field_validator("studies")

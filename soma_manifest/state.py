@@ -111,6 +111,28 @@ class StudyCache(_Model):
     digests: dict[str, str]
 
 
+class HistoryEntry(_Model):
+    """One apply that changed the atlas, and the TileDB timestamp to read the atlas as it left it."""
+
+    serial: int  # the state's serial once this entry was saved
+    started_at: str
+    finished_at: str
+    timestamp_ms: int  # after the apply's last write: opening the atlas at it shows the apply's result
+    changes: dict[str, list[str]] = Field(default_factory=dict)  # plan kind -> sample keys that succeeded
+    cells_added: int = 0
+    cells_deleted: int = 0
+    cells_total: int = 0
+    manifest_digest: str = ""
+    tool_version: str = ""
+
+
+class CompactionState(_Model):
+    pending: bool = False  # a compaction started and has not finished: the next apply or compact finishes it
+    # Deleted cells were purged up to this timestamp: the atlas can no longer be read as it was before it.
+    purged_until_ms: int | None = None
+    last_at: str | None = None
+
+
 class State(_Model):
     format_version: int = FORMAT_VERSION
     lineage: str = Field(default_factory=lambda: str(uuid.uuid4()))
@@ -126,6 +148,8 @@ class State(_Model):
     next_sample_joinid: int = 0
     orphan_samples: list[int] = Field(default_factory=list)  # sample joinids whose rows are to delete
     studies: dict[str, StudyCache] = Field(default_factory=dict)
+    history: list[HistoryEntry] = Field(default_factory=list)  # states written before history load with none
+    compaction: CompactionState = Field(default_factory=CompactionState)
 
     def allocate(self, n: int) -> tuple[int, int]:
         """A fresh joinid range; ranges are never reused, so a crash cannot mix two samples."""
