@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,12 +312,20 @@ def _obs_table(sample: _Sample, schema: AtlasSchema, start: int) -> pa.Table:
                     schema=_obs_schema(schema))
 
 
-def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000) -> IngestStats:
+def _no_fence() -> None: ...
+
+
+def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000,
+                fence: Callable[[], None] = _no_fence) -> IngestStats:
     """Write the h5ad's cells at soma_joinids [start, start+n): obs, then every X layer.
 
-    Safe to run concurrently on disjoint ranges once the caller has grown the domains.
+    Safe to run concurrently on disjoint ranges once the caller has grown the domains. `fence` raises
+    when the apply that runs this step lost the atlas; it is called once the write timestamp is fixed and
+    before every X chunk. Why a write that passed it just before a takeover is still safe: every write of
+    this ingest is stamped with the time taken *before* the check passed, and the apply that took over
+    deletes this range (it is still "allocated" in the state) at a later time, which hides the stamped
+    writes however late they land. See README, "Running on a cluster".
     """
-    parent = os.getppid()
     sample = _read_sample_frames(h5ad, schema)
     members = _members(uri, schema)
     columns = _column_map(uri, members, sample)
@@ -326,6 +334,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     _check_room(uri, members, stop, n_var)
     nnz = 0
     with _mutation() as stamp, ExitStack() as stack, h5py.File(h5ad, "r") as f:
+        fence()  # after the stamp is fixed: a takeover after this check deletes at a later time
         layers = {layer: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
                                                                        tiledb_timestamp=stamp))
                   for layer in schema.layers}
@@ -333,8 +342,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
             obs.write(_obs_table(sample, schema, start))
         crash_point("worker_ingest_after_obs")
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz):
-            if os.getppid() != parent:
-                os._exit(1)  # orphaned worker: the coordinator is gone, stop writing at once
+            fence()
             chunk = _read_chunk(f["X"], sample.indptr, lo, hi, columns, n_var)
             local_rows = np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(chunk.indptr))
             coords = {"soma_dim_0": local_rows + (start + lo), "soma_dim_1": chunk.indices.astype(np.int64)}
@@ -423,8 +431,10 @@ def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> No
                     x.delete_cells((slice(start, min(stop, x.shape[0]) - 1),))
 
 
-def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int) -> int:
-    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n."""
+def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
+               fence: Callable[[], None] = _no_fence) -> int:
+    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n.
+    `fence` as for ingest_h5ad."""
     sample = _read_sample_frames(h5ad, schema)
     table = _obs_table(sample, schema, start)
     n = len(table)
@@ -435,6 +445,7 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int) -> int:
         raise AtlasError(f"rows {start}..{start + n} do not hold the cells of {h5ad}", where=uri,
                          hint="re-ingest the sample instead of updating its obs")
     with _mutation() as stamp, soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
+        fence()
         obs.write(table)
     return n
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 from pydantic import ValidationError
@@ -234,6 +235,11 @@ def _saved_manifest(saved: Plan) -> Path:
     return path
 
 
+class ExecutorKind(str, Enum):
+    loky = "loky"
+    dask = "dask"
+
+
 @app.command()
 def apply(
     target: Path = typer.Argument(..., metavar="MANIFEST_OR_PLAN",
@@ -241,7 +247,13 @@ def apply(
     processes: Optional[int] = typer.Option(None, "--processes", "-p", min=1,
                                             help="Worker processes (default: manifest's, else CPU count)."),
     allow_delete: bool = typer.Option(False, "--allow-delete", help="Allow deleting the cells of removed samples."),
+    executor_kind: Optional[ExecutorKind] = typer.Option(
+        None, "--executor", help="loky (processes on this machine) or dask; default: the manifest's executor.kind."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", metavar="ADDRESS", help="A Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies dask)."),
     chunk_nnz: int = typer.Option(5_000_000, "--chunk-nnz", min=1000, hidden=True),
+    grace: float = typer.Option(30.0, "--grace", min=0.0, hidden=True,
+                                help="Seconds running steps get to finish after SIGINT/SIGTERM."),
     no_color: NoColor = False,
 ) -> None:
     """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
@@ -250,11 +262,14 @@ def apply(
     from soma_manifest.lock import AtlasLock, lock_path
     from soma_manifest.progress import progress_reporter
 
+    if executor_kind is ExecutorKind.loky and scheduler:
+        raise typer.BadParameter("--scheduler needs --executor dask", param_hint="--scheduler")
+
     def run() -> int:
         saved = _read_saved_plan(target)
         manifest, schema = _load(_saved_manifest(saved) if saved else target)
         err = Output.err()
-        with AtlasLock(lock_path(manifest.state_path)):
+        with AtlasLock(lock_path(manifest.state_path)) as lock, _interruptible(lock) as interrupt:
             the_plan, observations, state = _compute_plan(manifest, schema)
             if saved is not None:
                 executor.check_saved_plan(saved, the_plan)
@@ -264,14 +279,63 @@ def apply(
                 err.print(f"No changes: {the_plan.summary.samples} samples up to date. Nothing to do.")
                 return 0
             err.print(render.plan_text(the_plan))
-            workers = processes or manifest.spec.processes or os.cpu_count() or 1
+            config = _executor_config(manifest, processes, executor_kind, scheduler)
             with progress_reporter(err) as reporter:
-                report = executor.execute(manifest, schema, the_plan, observations, state, processes=workers,
-                                          allow_delete=allow_delete, reporter=reporter, chunk_nnz=chunk_nnz)
+                report = executor.execute(manifest, schema, the_plan, observations, state, lease=lock.lease,
+                                          executor=config, allow_delete=allow_delete, reporter=reporter,
+                                          chunk_nnz=chunk_nnz, interrupt=interrupt, grace=grace)
         _print_report(report, manifest)
+        if report.interrupted:
+            return 128 + report.interrupted
         return 0 if report.ok else 1
 
     _guard(run)
+
+
+def _executor_config(manifest: LoadedManifest, processes: int | None, kind: ExecutorKind | None,
+                     scheduler: str | None):
+    from soma_manifest.executors import ExecutorConfig
+
+    block = manifest.spec.executor
+    chosen = kind.value if kind else "dask" if scheduler else block.kind
+    address = scheduler or (block.address if chosen == "dask" else None)
+    workers = processes or manifest.spec.processes or os.cpu_count() or 1
+    return ExecutorConfig(chosen, address, workers)
+
+
+@contextmanager
+def _interruptible(lock) -> Iterator[object]:
+    """SIGINT and SIGTERM during apply. The first asks apply to stop starting steps and to finish cleanly
+    (apply saves the state, the lock is released, exit 130/143). A second one stops at once: the lock is
+    released so that steps still running stop before their next write, and the process exits; the state,
+    saved after every step, is as after a kill -9 and the next apply converges from it.
+
+    The handlers only set a flag and write with os.write: the default SIGINT raised KeyboardInterrupt
+    wherever the main thread was (often inside tiledbsoma, whose threads then crashed the interpreter:
+    exit 139), and the default SIGTERM ended the process without releasing the lock."""
+    import signal
+
+    from soma_manifest.apply import Interrupt
+
+    interrupt = Interrupt()
+
+    def handler(signum: int, frame: object) -> None:
+        if interrupt.signum is None:
+            interrupt.signum = signum
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping; running steps may finish (press Ctrl-C "
+                        "again to stop at once).\n".encode())
+            return
+        lock.__exit__(None, None, None)
+        os.write(2, b"Stopped at once. The state is saved after every step: run `soma-manifest apply` again "
+                    b"to resume.\n")
+        os._exit(128 + interrupt.signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupt
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _print_report(report, manifest: LoadedManifest) -> None:
@@ -285,6 +349,12 @@ def _print_report(report, manifest: LoadedManifest) -> None:
         err.print(f"  [red]verify[/] {_escape(problem)}")
     if report.failed:
         err.print("The failed samples are recorded in the state; fix them and run apply again to retry.")
+    if report.interrupted:
+        import signal
+
+        left = f": {', '.join(report.not_run)}" if report.not_run else ""
+        err.print(f"Interrupted by {signal.Signals(report.interrupted).name}; {len(report.not_run)} step(s) did "
+                  f"not run{_escape(left)}. The state is saved: run `soma-manifest apply` again to resume.")
     err.print(f"Atlas: {_escape(str(manifest.atlas_uri))}  (log: {_escape(str(report.log_file))})")
 
 

@@ -55,3 +55,11 @@ class PlanError(SomaManifestError):
 
 class AtlasError(SomaManifestError):
     """The atlas on disk does not match what the operation expects."""
+
+
+class ExecutorError(SomaManifestError):
+    """The executor cannot run steps (e.g. the Dask scheduler is unreachable)."""
+
+
+class LeaseLost(SomaManifestError):
+    """This apply no longer holds the atlas: a step stops before writing anything more."""

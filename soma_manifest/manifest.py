@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from soma_manifest.errors import ManifestError
 from soma_manifest.yamlio import LocatedYaml, load_yaml, pydantic_problems
@@ -31,6 +31,21 @@ class StorageSpec(_Frozen):
     state: str | None = Field(default=None, description="State file; default <atlas.storage>/<atlas.name>.state.json.")
 
 
+class ExecutorSpec(_Frozen):
+    kind: Literal["loky", "dask"] = Field(
+        default="loky", description="loky: worker processes on this machine. dask: a dask.distributed cluster.")
+    address: str | None = Field(
+        default=None, pattern=r"^(tcp|tls|ucx|ws|wss)://\S+$",
+        description="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786; omitted: a local cluster "
+                    "of `processes` workers.")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "ExecutorSpec":
+        if self.address is not None and self.kind != "dask":
+            raise ValueError("address is only for kind: dask (set kind: dask, or remove address)")
+        return self
+
+
 class StudySpec(_Frozen):
     name: str = Field(pattern=_NAME, description="Study folder name under storage.raw.")
     format: Format = Field(default="mtx", description="mtx (Cell Ranger folders), h5ad, or 10x_h5.")
@@ -50,6 +65,7 @@ class Manifest(_Frozen):
     schema_: str = Field(alias="schema", description="Atlas schema file (see schemas/default.yaml).")
     storage: StorageSpec
     processes: PositiveInt | None = Field(default=None, description="Default worker count for apply.")
+    executor: ExecutorSpec = Field(default=ExecutorSpec(), description="Where apply runs its steps.")
     studies: list[StudySpec] = Field(min_length=1)
 
     @field_validator("studies")
