@@ -245,7 +245,7 @@ def _local_cluster(processes: int):
     # chunk nonzero (0.7 GB at the default 5M), far less than any share on a machine that holds an atlas.
     memory = psutil.virtual_memory().total // processes
     return LocalCluster(n_workers=processes, threads_per_worker=1, processes=True, memory_limit=memory,
-                        dashboard_address=None, silence_logs=50)
+                        dashboard_address=":0", silence_logs=50)
 
 
 def start_executor(spec: ExecutorConfig) -> StepExecutor:
