@@ -252,8 +252,8 @@ def apply(
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", metavar="ADDRESS", help="A Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies dask)."),
     chunk_nnz: int = typer.Option(5_000_000, "--chunk-nnz", min=1000, hidden=True),
-    grace: float = typer.Option(30.0, "--grace", min=0.0, hidden=True,
-                                help="Seconds running steps get to finish after SIGINT/SIGTERM."),
+    grace: Optional[float] = typer.Option(None, "--grace", min=0.0, hidden=True,
+                                          help="Seconds running steps get to finish after SIGINT/SIGTERM."),
     no_color: NoColor = False,
 ) -> None:
     """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
@@ -283,7 +283,8 @@ def apply(
             with progress_reporter(err) as reporter:
                 report = executor.execute(manifest, schema, the_plan, observations, state, lease=lock.lease,
                                           executor=config, allow_delete=allow_delete, reporter=reporter,
-                                          chunk_nnz=chunk_nnz, interrupt=interrupt, grace=grace)
+                                          chunk_nnz=chunk_nnz, interrupt=interrupt,
+                                          grace=executor.DEFAULT_GRACE_S if grace is None else grace)
         _print_report(report, manifest)
         if report.interrupted:
             return 128 + report.interrupted

@@ -85,7 +85,8 @@ class _Queued:
         raise NotImplementedError
 
     def _fill(self) -> None:
-        while self.queue and len(self.running) < self._slots():
+        slots = self._slots() if self.queue else 0
+        while self.queue and len(self.running) < slots:
             task = self.queue.popleft()
             self.running[self._send(task)] = task
 
@@ -170,7 +171,6 @@ class DaskExecutor(_Queued):
 
     def __init__(self, address: str | None, processes: int) -> None:
         super().__init__()
-        import dask
         from distributed import Client, as_completed
 
         self.address = address
@@ -178,14 +178,14 @@ class DaskExecutor(_Queued):
         if address is None:
             self.cluster = _local_cluster(processes)
             self.client = Client(self.cluster)
+            self.client.run(_quiet_worker)
         else:
             try:
                 self.client = Client(address, timeout=CONNECT_TIMEOUT_S)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
                 raise ExecutorError(f"cannot reach the Dask scheduler at {address} ({exc})", where=address,
                                     hint="start the scheduler and its workers, or check executor.address / "
                                          "--scheduler; nothing was written") from None
-        dask.config.set({"distributed.client.heartbeat": "5s"})
         self.completed = as_completed()
 
     def _slots(self) -> int:
