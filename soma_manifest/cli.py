@@ -311,9 +311,10 @@ def _interruptible(lock) -> Iterator[object]:
     released so that steps still running stop before their next write, and the process exits; the state,
     saved after every step, is as after a kill -9 and the next apply converges from it.
 
-    The handlers only set a flag and write with os.write: the default SIGINT raised KeyboardInterrupt
-    wherever the main thread was (often inside tiledbsoma, whose threads then crashed the interpreter:
-    exit 139), and the default SIGTERM ended the process without releasing the lock."""
+    The handlers only set a flag and write with os.write. Before, SIGINT raised KeyboardInterrupt wherever
+    each process was (apply and every worker: a terminal signals the whole group), and workers crashed with
+    SIGSEGV inside TileDB's own SIGINT handler (see executors._quiet_worker); SIGTERM ended apply without
+    releasing the lock."""
     import signal
 
     from soma_manifest.apply import Interrupt

@@ -102,8 +102,12 @@ class _Queued:
 
 
 def _quiet_worker() -> None:
-    """Workers ignore SIGINT: a Ctrl-C reaches the whole process group, and only apply decides what stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Workers never see SIGINT: a Ctrl-C reaches the whole process group, and only apply decides what stops.
+
+    Blocked, not ignored: TileDB installs its own SIGINT handler when a worker opens its first array, and a
+    Ctrl-C delivered to it there crashed the worker (SIGSEGV; seen as "exit 139" of apply). A blocked signal
+    is never delivered, whatever handler is installed, in this thread and in the threads it starts later."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args: object) -> Outcome:
@@ -178,7 +182,11 @@ class DaskExecutor(_Queued):
         if address is None:
             self.cluster = _local_cluster(processes)
             self.client = Client(self.cluster)
+            # In each worker's event-loop thread and in its one task thread (which starts TileDB's threads).
+            self.client.wait_for_workers(processes)
             self.client.run(_quiet_worker)
+            self.client.gather([self.client.submit(_quiet_worker, workers=[w], pure=False)
+                                for w in self.client.nthreads()])
         else:
             try:
                 self.client = Client(address, timeout=CONNECT_TIMEOUT_S)
