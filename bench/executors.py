@@ -18,14 +18,13 @@ import argparse
 import json
 import re
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, fresh_dir, run_watched  # noqa: E402
 from generate import add_preset_args, preset_from_args  # noqa: E402
+from query_cost import timed  # noqa: E402
 from run import ATLAS_NAME, ensure_data, verify_atlas, work_dir, write_manifest  # noqa: E402
 
 EXECUTORS = {"loky + local": ["--executor", "loky"], "Dask LocalCluster + local": ["--executor", "dask"]}
@@ -56,13 +55,8 @@ def _checks_ok(checks: dict) -> bool:
     return bool(checks.get("totals_match")) and checks.get("sample_equal", True)
 
 
-def _median_s(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_s(fn) -> float:
+    return timed(fn, repeat=5)
 
 
 def coordinator_costs(work: Path) -> dict[str, float]:
