@@ -105,8 +105,9 @@ def _quiet_worker() -> None:
     """Workers never see SIGINT: a Ctrl-C reaches the whole process group, and only apply decides what stops.
 
     Blocked, not ignored: TileDB installs its own SIGINT handler when a worker opens its first array, and a
-    Ctrl-C delivered to it there crashed the worker (SIGSEGV, when the handler it replaced was SIG_IGN). A blocked signal
-    is never delivered, whatever handler is installed, in this thread and in the threads it starts later."""
+    Ctrl-C delivered to it there crashed the worker (SIGSEGV, when the handler it replaced was SIG_IGN).
+    A blocked signal is never delivered, whatever handler is installed, in this thread and in the threads
+    it starts later."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
