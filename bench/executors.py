@@ -113,7 +113,8 @@ def projection(costs: dict[str, float], per_sample_worker_s: float, workers: int
     lines = [
         f"- measured worker time per sample (convert + ingest): {per_sample_worker_s:.2f} s",
         f"- coordinator time per sample, unbatched: {per_sample * 1000:.0f} ms "
-        f"(3 state saves of {save * 1000:.0f} ms, genes {costs['read sample genes (h5ad var)'] * 1000:.0f} ms, "
+        f"(3 state saves of {save * 1000:.0f} ms, "
+        f"genes {costs['read sample genes (h5ad var)'] * 1000:.0f} ms, "
         f"extend var {costs['extend var, no new genes'] * 1000:.0f} ms, resize {costs['resize obs + X'] * 1000:.0f} ms)",
         f"- {workers} workers finish {arrivals:.1f} samples/s; the coordinator is busy {load:.0%} of the time "
         f"({'the bottleneck' if load >= 1 else 'not the bottleneck'} at this sample size)",
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             steps = rows[name]["worker_step_s"]
             per_sample_worker_s = (sum(steps["convert"]) + sum(steps["ingest"])) / max(1, len(steps["ingest"]))
     base = rows["loky + local"]["wall_s"]
-    table = ["| executor | wall ÷ loky | wall s | convert s | ingest s | allocate s | atlas checks | other cores busy |",
+    table = ["| executor | wall ÷ loky | wall s | convert s | ingest s | allocate s | atlas checks "
+             "| other cores busy |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         rep = r["report"]

@@ -2,16 +2,16 @@
 
 Points: after_create, after_convert, after_allocate, after_delete, mid_delete, mid_ingest (parent, once one
 ingest has finished), worker_ingest_after_obs (a worker, between its obs and X writes), before_state_replace,
-and inside the convert/ingest overlap: overlap_allocate (parent, ranges allocated for the first batch of
-conversions while other samples still convert) and overlap_ingest (parent, the first ingest finished while
+and inside the convert/ingest overlap: overlap_allocate (parent, ranges allocated for a batch of
+conversions while other samples still convert) and overlap_ingest (parent, an ingest finished while
 conversions still run).
 With `:<n>` the process dies the n-th time it reaches the point (e.g. before_state_replace:3, the third state
 save), so that a kill can land in the middle of a run; counts are per process.
 
 SOMA_MANIFEST_PAUSE_AT=<point>:<folder> holds a worker at a pause point (convert_start, ingest_start,
 write_obs_start: before the step checks its lease) while `<folder>/armed` exists: it creates
-`<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests use it to keep a dead apply's step
-alive until a new apply has run.
+`<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
+use it to keep a dead apply's step alive until a new apply has run.
 """
 
 from __future__ import annotations
