@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import tiledbsoma
 
-    from soma_manifest.apply import ApplyReport, Reporter
+    from soma_manifest.apply import ApplyReport, Interrupt, Reporter
+    from soma_manifest.executors import ExecutorConfig
     from soma_manifest.compact import CompactReport
 
 
@@ -101,39 +102,58 @@ class Atlas:
 
     def apply(self, processes: int | None = None, allow_delete: bool = False, *, plan: Plan | None = None,
               reporter: Reporter | None = None, on_plan: Callable[[Plan], None] | None = None,
-              chunk_nnz: int | None = None) -> ApplyReport:
+              chunk_nnz: int | None = None, executor: str | None = None, scheduler: str | None = None,
+              interrupt: Interrupt | None = None, grace: float | None = None) -> ApplyReport:
         """Make the atlas match the manifest, under the atlas lock; the same executor as `soma-manifest apply`.
 
         processes: worker processes (default: the manifest's, else the CPU count). allow_delete: allow
         deleting the cells of samples that left the manifest (else such a plan is refused, changing nothing).
         plan: a plan saved earlier (e.g. `Plan.model_validate_json(text)`); refused (PlanError) when it no
         longer describes what apply would do. on_plan: called with the plan about to run, once it is checked.
+        executor: "loky" or "dask" (default: the manifest's executor.kind); scheduler: a Dask scheduler
+        address (implies dask; default: the manifest's executor.address, else a LocalCluster). interrupt: set its
+        `signum` (e.g. from a signal handler) to stop starting steps; running ones get `grace` seconds, then
+        the report says `interrupted` and the state is ready for the next apply to resume.
         Failures of single samples are in `report.failed`; `report.ok` is False when any sample failed.
         """
-        from soma_manifest import apply as executor
+        from soma_manifest import apply as run
         from soma_manifest import compact
         from soma_manifest.lock import AtlasLock, lock_path
         from soma_manifest.presence import upgrade
         from soma_manifest.sweep import sweep_leftovers
 
         with AtlasLock(lock_path(self.manifest.state_path)) as lock:
+            if interrupt is not None:
+                interrupt.lock = lock
             swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
             current, observations, state = self._plan()
             if plan is not None:
-                executor.check_saved_plan(plan, current)
-            state = executor.open_state(self.manifest, state, self.schema)
+                run.check_saved_plan(plan, current)
+            state = run.open_state(self.manifest, state, self.schema)
             upgrade(self.manifest, self.schema, state)
             if on_plan is not None:
                 on_plan(current)
             if not current.has_changes:
                 compact.finish_pending(self.manifest, state)
-                return executor.ApplyReport(unchanged=len(current.unchanged), swept=swept)
-            workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
+                return run.ApplyReport(unchanged=len(current.unchanged), swept=swept)
             options = {} if chunk_nnz is None else {"chunk_nnz": chunk_nnz}
-            report = executor.execute(self.manifest, self.schema, current, observations, state, processes=workers,
-                                      allow_delete=allow_delete, reporter=reporter, **options)
+            if grace is not None:
+                options["grace"] = grace
+            report = run.execute(self.manifest, self.schema, current, observations, state, lease=lock.lease,
+                                 executor=self._executor_config(processes, executor, scheduler),
+                                 allow_delete=allow_delete, reporter=reporter, interrupt=interrupt, **options)
             report.swept = swept
             return report
+
+    def _executor_config(self, processes: int | None, kind: str | None, scheduler: str | None) -> ExecutorConfig:
+        """Where the steps run: arguments first, then the manifest's executor block and processes."""
+        from soma_manifest.executors import ExecutorConfig
+
+        block = self.manifest.spec.executor
+        chosen = kind or ("dask" if scheduler else block.kind)
+        address = scheduler or (block.address if chosen == "dask" else None)
+        workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
+        return ExecutorConfig(chosen, address, workers)
 
     # --- checks and reads -------------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
-"""Run a Plan: convert on the pool, allocate and prepare serially, delete, ingest on the pool.
+"""Run a Plan: convert on the workers; as conversions arrive, allocate, extend var and resize serially,
+delete the old ranges, and ingest on the workers while other samples still convert (no phase barrier).
 
 The state is saved after every finished step, and every joinid range is recorded before
 anything is written into it, so a kill at any moment leaves a state the next apply resumes from.
+Which executor runs the steps (loky or Dask) is executors.py's business; this module only submits
+steps and consumes their outcomes.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from soma_manifest import atlas, compact, genes
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError
+from soma_manifest.executors import ExecutorConfig, StepExecutor, start_executor
 from soma_manifest.faults import crash_point
+from soma_manifest.lock import Lease
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.plan import Action, Observations, Plan
 from soma_manifest.schema import AtlasSchema
@@ -26,6 +30,9 @@ from soma_manifest.steps import Outcome, convert_step, ingest_step, peak_rss, wr
 
 log = logging.getLogger("soma_manifest")
 DEFAULT_CHUNK_NNZ = 5_000_000
+#: After a first SIGINT/SIGTERM, how long running steps may take to finish before they are abandoned.
+DEFAULT_GRACE_S = 30.0
+_POLL_S = 0.2
 
 
 class Reporter(Protocol):
@@ -55,6 +62,8 @@ class ApplyReport:
     peak_rss_worker: int = 0
     log_file: str | None = None
     swept: list[str] = field(default_factory=list)  # leftovers of killed runs removed before this run
+    interrupted: int | None = None  # the signal that stopped the run early
+    not_run: list[str] = field(default_factory=list)  # "<step> <key>" of steps an interrupt left undone
 
     @property
     def ok(self) -> bool:
@@ -62,15 +71,26 @@ class ApplyReport:
 
 
 @dataclass
-class Executor:
+class Interrupt:
+    """Set by the CLI's signal handler: the signal received, or None. apply polls it between steps."""
+
+    signum: int | None = None
+    lock: object | None = None  # the AtlasLock apply holds: a second signal releases it before exiting
+
+
+@dataclass
+class Run:
     """One apply run against one atlas; holds the state it saves after every step."""
 
     manifest: LoadedManifest
     schema: AtlasSchema
     state: State
-    processes: int
+    steps: StepExecutor
+    lease: Lease
     reporter: Reporter
+    interrupt: Interrupt
     chunk_nnz: int = DEFAULT_CHUNK_NNZ
+    grace: float = DEFAULT_GRACE_S
     report: ApplyReport = field(default_factory=ApplyReport)
 
     @property
@@ -173,9 +193,15 @@ def _plan_changes(saved: Plan, current: Plan) -> list[str]:
 
 
 def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observations: Observations,
-            state: State, *, processes: int, allow_delete: bool, reporter: Reporter | None = None,
-            chunk_nnz: int = DEFAULT_CHUNK_NNZ) -> ApplyReport:
-    """Make the atlas match the plan. Failures of single samples are recorded, not raised."""
+            state: State, *, lease: Lease, executor: ExecutorConfig, allow_delete: bool,
+            reporter: Reporter | None = None, chunk_nnz: int = DEFAULT_CHUNK_NNZ,
+            interrupt: Interrupt | None = None, grace: float = DEFAULT_GRACE_S) -> ApplyReport:
+    """Make the atlas match the plan. Failures of single samples are recorded, not raised.
+
+    `lease` is the lock held by the caller; steps stop writing once it is no longer current. When
+    `interrupt` gets a signal, no new step starts, running ones get `grace` seconds, and the report
+    says so (`interrupted`); the state is then as after any finished step, and the next apply resumes.
+    """
     deletions = [a for a in plan.actions if a.deletes_cells]
     if deletions and not allow_delete:
         listing = ", ".join(f"{a.key} ({a.cells} cells)" for a in deletions[:10])
@@ -184,36 +210,46 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
                         hint="nothing was changed; re-run with --allow-delete to delete them")
     if any(a.converts for a in plan.actions):
         genes.schema_reference(schema)  # a bad gene reference is one error before any change, not one per sample
-    run = Executor(manifest, schema, state, max(1, processes), reporter or SilentReporter(), chunk_nnz)
+    # Started before anything is written: an unreachable scheduler fails the apply with nothing changed.
+    steps = start_executor(executor)
+    run = Run(manifest, schema, state, steps, lease, reporter or SilentReporter(), interrupt or Interrupt(),
+              chunk_nnz, grace)
     run.report.unchanged = len(plan.unchanged)
     started = time.perf_counter()
-    with _RunLog(manifest, run.report):
-        log.info("apply %s: %d actions, %d unchanged, %d processes", manifest.path, len(plan.actions),
-                 len(plan.unchanged), run.processes)
-        state.studies.update(observations.study_caches)
-        _refresh_unchanged(run, plan, observations)
-        if plan.create_atlas:
-            _create(run)
-        _forget_removed(run, plan)
-        _timed(run, "convert", lambda: _convert_all(run, plan))
-        ingests = _allocate(run, plan)
-        _timed(run, "delete", lambda: _delete_orphans(run))
-        _timed(run, "ingest", lambda: _ingest_all(run, plan, ingests))
-        _timed(run, "verify", lambda: _quick_verify(run))
-        run.report.seconds["total"] = time.perf_counter() - started
-        compact.after_apply(manifest, plan, state, run.report)  # history entry, then compaction if due
-        parent = peak_rss()
-        _write_run_summary(manifest, run.report, parent)
+    try:
+        with _RunLog(manifest, run.report):
+            where = f" at {executor.address}" if executor.address else ""
+            log.info("apply %s: %d actions, %d unchanged, executor %s%s, %d processes", manifest.path,
+                     len(plan.actions), len(plan.unchanged), executor.kind, where, executor.processes)
+            state.studies.update(observations.study_caches)
+            _refresh_unchanged(run, plan, observations)
+            if run.interrupt.signum is None:
+                if plan.create_atlas:
+                    _create(run)
+                _forget_removed(run, plan)
+                _Pipeline(run, plan).drive()
+            else:
+                run.report.interrupted = run.interrupt.signum
+            _timed_verify(run)
+            run.report.seconds["total"] = time.perf_counter() - started
+            compact.after_apply(manifest, plan, state, run.report)  # history entry, then compaction if due
+            if run.report.interrupted:
+                log.warning("interrupted by signal %d; %d step(s) not run: %s", run.report.interrupted,
+                            len(run.report.not_run), ", ".join(run.report.not_run))
+            parent = peak_rss()
+            _write_run_summary(manifest, run.report, parent)
+    finally:
+        steps.shutdown()
     return run.report
 
 
-def _timed(run: Executor, name: str, fn: Callable[[], None]) -> None:
+def _timed_verify(run: Run) -> None:
     start = time.perf_counter()
-    fn()
-    run.report.seconds[name] = time.perf_counter() - start
+    _quick_verify(run)
+    run.report.seconds["verify"] = time.perf_counter() - start
 
 
-def _refresh_unchanged(run: Executor, plan: Plan, observations: Observations) -> None:
+def _refresh_unchanged(run: Run, plan: Plan, observations: Observations) -> None:
     """Unchanged samples whose files were only touched get their new stats, so plans stop re-hashing."""
     for key in plan.unchanged:
         seen = observations.samples[key]
@@ -222,7 +258,7 @@ def _refresh_unchanged(run: Executor, plan: Plan, observations: Observations) ->
             entry.raw_files = list(seen.files)
 
 
-def _create(run: Executor) -> None:
+def _create(run: Run) -> None:
     # The state (with the lineage) is saved before the atlas exists, so a crash in between
     # leaves a state that simply creates the atlas again.
     run.save()
@@ -232,7 +268,7 @@ def _create(run: Executor) -> None:
     log.info("created atlas %s", run.uri)
 
 
-def _forget_removed(run: Executor, plan: Plan) -> None:
+def _forget_removed(run: Run, plan: Plan) -> None:
     removed = [a for a in plan.actions if a.kind == "remove"]
     for action in removed:
         entry = run.state.samples.pop(action.key)
@@ -246,70 +282,72 @@ def _forget_removed(run: Executor, plan: Plan) -> None:
         run.save()
 
 
-def _pool(processes: int):
-    from loky import get_reusable_executor
+class _Pipeline:
+    """Converts, and ingests as soon as their conversions arrive: one loop over the executor's outcomes.
 
-    return get_reusable_executor(max_workers=processes, timeout=30)
-
-
-def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args: object) -> Outcome:
-    """Run one step on a worker, unless apply (the worker's parent) is gone.
-
-    loky's workers keep taking queued jobs after a kill -9 of apply. Such a job must not start: its writes
-    would be stamped after the next apply deleted the dead run's joinid ranges, and outlive that delete.
-    (A job already running stops before its next X chunk: see atlas.ingest_h5ad.)
+    The coordinator's serial work happens between outcomes, batched over what arrived together:
+    allocate ranges + extend var + resize (one state save), then the pending deletes (a save each), then
+    the ingests are submitted. So a range is in the state before any step can write into it, and a
+    sample's old range is deleted before its new version is ingested.
     """
-    if os.getppid() != coordinator:
-        os._exit(1)
-    return fn(*args)
 
+    def __init__(self, run: Run, plan: Plan) -> None:
+        self.run = run
+        self.by_key = {a.key: a for a in plan.actions}
+        self.converting = 0  # convert steps submitted and not yet finished
+        self.ready: list[Action] = []  # converted (or nothing to convert), waiting for ingest or write_obs
+        self.later = sum(1 for a in plan.actions if a.ingests or "write_obs" in a.steps)
+        self.ingests_started: float | None = None
+        self.ingests_finished = 0
+        self.converts_started = time.perf_counter()
 
-def _run_pool(run: Executor, name: str, jobs: list[tuple[str, Callable, tuple]],
-              on_done: Callable[[Outcome], None]) -> None:
-    """Run jobs on the pool; each outcome is handled (and the state saved) as soon as it arrives."""
-    if not jobs:
-        return
-    run.reporter.phase(name, len(jobs))
-    pool = _pool(run.processes)
-    futures: dict[Future, str] = {pool.submit(_while_coordinator_lives, os.getpid(), fn, *args): key
-                                  for key, fn, args in jobs}
-    for future in as_completed(futures):
-        key = futures[future]
-        try:
-            outcome = future.result()
-        except Exception as exc:  # noqa: BLE001 - a worker killed or lost: that sample failed
-            outcome = Outcome(key, name, False, 0.0, 0, error=f"worker process died: {type(exc).__name__}: {exc}")
-        run.report.peak_rss_worker = max(run.report.peak_rss_worker, outcome.peak_rss)
-        if outcome.detail:
-            log.debug("%s: %s traceback:\n%s", key, name, outcome.detail)
-        on_done(outcome)
-        run.reporter.advance(name, key, outcome.ok)
-    run.reporter.done(name)
+    def drive(self) -> None:
+        run = self.run
+        self._submit_converts()
+        self._delete_orphans()
+        while True:
+            if run.interrupt.signum is not None:
+                self._stop()
+                return
+            if self.ready:
+                self._start_ingests()
+            if not run.steps.busy:
+                break
+            for outcome in run.steps.wait(_POLL_S):
+                self._record(outcome)
+        self._close_phases()
 
+    # ---- converts
 
-def _convert_all(run: Executor, plan: Plan) -> None:
-    by_key = {a.key: a for a in plan.actions}
-    organisms = {s.name: s.organism or run.schema.organism for s in run.manifest.studies}
-    jobs = []
-    for action in plan.actions:
-        if not action.converts:
+    def _submit_converts(self) -> None:
+        run = self.run
+        organisms = {s.name: s.organism or run.schema.organism for s in run.manifest.studies}
+        for action in self.by_key.values():
             if action.kind == "invalid":
                 run.entry(action)
                 run.fail(action.key, "read", action.reason)
-            continue
-        entry = run.entry(action)
-        h5ad = entry.h5ad if "convert_metadata" in action.steps else str(
-            h5ad_path_for(run.manifest.h5ad, action.study, action.sample))
-        job = ConvertJob(action.key, action.study, action.sample, action.format, action.path,
-                         str(run.manifest.raw), h5ad, metadata_only="convert_metadata" in action.steps,
-                         organism=organisms.get(action.study))
-        jobs.append((action.key, convert_step, (job, run.schema)))
-    if any(a.kind == "invalid" for a in plan.actions):
-        run.save()
+            elif action.converts:
+                entry = run.entry(action)
+                metadata_only = "convert_metadata" in action.steps
+                h5ad = entry.h5ad if metadata_only else str(h5ad_path_for(run.manifest.h5ad, action.study,
+                                                                           action.sample))
+                job = ConvertJob(action.key, action.study, action.sample, action.format, action.path,
+                                 str(run.manifest.raw), h5ad, metadata_only=metadata_only,
+                                 organism=organisms.get(action.study))
+                run.steps.submit(action.key, "convert", convert_step, run.lease, job, run.schema)
+                self.converting += 1
+            elif action.ingests or "write_obs" in action.steps:
+                self.ready.append(action)
+        if any(a.kind == "invalid" for a in self.by_key.values()):
+            run.save()
+        if self.converting:
+            run.reporter.phase("convert", self.converting)
 
-    def done(outcome: Outcome) -> None:
-        action = by_key[outcome.key]
+    def _converted(self, outcome: Outcome) -> None:
+        run = self.run
+        action = self.by_key[outcome.key]
         entry = run.state.samples[outcome.key]
+        self.converting -= 1
         if not outcome.ok:
             run.fail(outcome.key, "convert", outcome.error or "")
         else:
@@ -324,71 +362,84 @@ def _convert_all(run: Executor, plan: Plan) -> None:
                      outcome.seconds, f"; left out {result.dropped_features} non-gene features"
                      if result.dropped_features else "",
                      f"; genes: {result.gene_mapping.text()}" if result.gene_mapping else "")
+            if action.ingests or "write_obs" in action.steps:
+                self.ready.append(action)
         run.save()
         crash_point("after_convert")
+        if self.converting == 0:
+            run.report.seconds["convert"] = time.perf_counter() - self.converts_started
+            run.reporter.done("convert")
 
-    _run_pool(run, "convert", jobs, done)
+    # ---- allocate, delete, ingest
 
-
-def _allocate(run: Executor, plan: Plan) -> list[Action]:
-    """Serially: give each sample to ingest a fresh joinid range, extend var, resize the arrays."""
-    ready = [a for a in plan.actions if a.ingests and a.key not in run.report.failed]
-    if not ready:
-        return []
-    genes = [atlas.read_h5ad_var(run.state.samples[a.key].h5ad, run.schema) for a in ready]
-    atlas.extend_var(run.uri, run.schema, _union(genes))
-    for action in ready:
-        entry = run.state.samples[action.key]
-        if entry.joinids is not None and entry.ingest != "none":
-            run.state.orphans.append(entry.joinids)
-        entry.joinids = run.state.allocate(entry.cells or 0)
-        run.state.allocate_sample(entry)
-        entry.ingest = "allocated"
-    atlas.resize_obs(run.uri, run.schema, run.state.next_joinid)
-    atlas.resize_samples(run.uri, run.schema, run.state.next_sample_joinid)
-    run.save()
-    crash_point("after_allocate")
-    return ready
-
-
-def _union(frames: list) -> object:
-    import pandas as pd
-
-    merged = pd.concat(frames)
-    return merged[~merged.index.duplicated(keep="first")]
-
-
-def _delete_orphans(run: Executor) -> None:
-    while run.state.orphans:
-        start, stop = run.state.orphans[0]
-        crash_point("mid_delete")
-        atlas.delete_obs_range(run.uri, run.schema, start, stop)
-        crash_point("after_delete")
-        run.state.orphans.pop(0)
-        run.save()
-        log.info("deleted joinids [%d, %d)", start, stop)
-    if run.state.orphan_samples:
-        atlas.delete_samples(run.uri, run.schema, run.state.orphan_samples)
-        log.info("deleted the rows of sample joinids %s", run.state.orphan_samples)
-        run.state.orphan_samples = []
-        run.save()
-
-
-def _ingest_all(run: Executor, plan: Plan, ready: list[Action]) -> None:
-    jobs = []
-    for action in ready:
-        entry = run.state.samples[action.key]
-        args = (action.key, run.uri, run.schema, entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid)
-        jobs.append((action.key, ingest_step, args))
-    for action in plan.actions:
-        if "write_obs" in action.steps and action.key not in run.report.failed:
+    def _start_ingests(self) -> None:
+        """Serially, for everything that became ready together: allocate, delete what must go, submit."""
+        run = self.run
+        batch, self.ready = self.ready, []
+        allocated = self._allocate([a for a in batch if a.ingests])
+        self._delete_orphans()
+        if self.ingests_started is None:
+            self.ingests_started = time.perf_counter()
+            run.reporter.phase("ingest", self.later - sum(1 for k in run.report.failed if k in self.by_key
+                                                          and self._goes_to_ingest(k)))
+        for action in allocated:
             entry = run.state.samples[action.key]
-            jobs.append((action.key, write_obs_step, (action.key, run.uri, run.schema, entry.h5ad,
-                                                      entry.joinids[0])))
-    finished = 0
+            run.steps.submit(action.key, "ingest", ingest_step, run.lease, action.key, run.uri, run.schema,
+                             entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
+        for action in batch:
+            if "write_obs" in action.steps:
+                entry = run.state.samples[action.key]
+                run.steps.submit(action.key, "write_obs", write_obs_step, run.lease, action.key, run.uri,
+                                 run.schema, entry.h5ad, entry.joinids[0], urgent=True)
 
-    def done(outcome: Outcome) -> None:
-        nonlocal finished
+    def _goes_to_ingest(self, key: str) -> bool:
+        action = self.by_key[key]
+        return action.ingests or "write_obs" in action.steps
+
+    def _allocate(self, ready: list[Action]) -> list[Action]:
+        """Give each sample a fresh joinid range (its old one becomes an orphan), extend var, resize; save."""
+        run = self.run
+        if not ready:
+            return []
+        start = time.perf_counter()
+        genes = [atlas.read_h5ad_var(run.state.samples[a.key].h5ad, run.schema) for a in ready]
+        atlas.extend_var(run.uri, run.schema, _union(genes))
+        for action in ready:
+            entry = run.state.samples[action.key]
+            if entry.joinids is not None and entry.ingest != "none":
+                run.state.orphans.append(entry.joinids)
+            entry.joinids = run.state.allocate(entry.cells or 0)
+            run.state.allocate_sample(entry)
+            entry.ingest = "allocated"
+        atlas.resize_obs(run.uri, run.schema, run.state.next_joinid)
+        atlas.resize_samples(run.uri, run.schema, run.state.next_sample_joinid)
+        run.save()
+        _add_seconds(run, "allocate", start)
+        crash_point("after_allocate")
+        if self.converting:
+            crash_point("overlap_allocate")
+        return ready
+
+    def _delete_orphans(self) -> None:
+        run = self.run
+        while run.state.orphans and run.interrupt.signum is None:
+            start, stop = run.state.orphans[0]
+            began = time.perf_counter()
+            crash_point("mid_delete")
+            atlas.delete_obs_range(run.uri, run.schema, start, stop)
+            crash_point("after_delete")
+            run.state.orphans.pop(0)
+            run.save()
+            _add_seconds(run, "delete", began)
+            log.info("deleted joinids [%d, %d)", start, stop)
+        if run.state.orphan_samples and run.interrupt.signum is None:
+            atlas.delete_samples(run.uri, run.schema, run.state.orphan_samples)
+            log.info("deleted the rows of sample joinids %s", run.state.orphan_samples)
+            run.state.orphan_samples = []
+            run.save()
+
+    def _ingested(self, outcome: Outcome) -> None:
+        run = self.run
         entry = run.state.samples[outcome.key]
         if not outcome.ok:
             run.fail(outcome.key, outcome.step, outcome.error or "")
@@ -402,14 +453,59 @@ def _ingest_all(run: Executor, plan: Plan, ready: list[Action]) -> None:
             run.report.succeeded.append(outcome.key)
             log.info("%s: %s done (%.1fs)", outcome.key, outcome.step, outcome.seconds)
         run.save()
-        finished += 1
-        if finished == 1:
+        self.ingests_finished += 1
+        if self.ingests_finished == 1:
             crash_point("mid_ingest")
+        if self.converting:
+            crash_point("overlap_ingest")
 
-    _run_pool(run, "ingest", jobs, done)
+    # ---- outcomes, interrupts, phases
+
+    def _record(self, outcome: Outcome) -> None:
+        run = self.run
+        run.report.peak_rss_worker = max(run.report.peak_rss_worker, outcome.peak_rss)
+        if outcome.detail:
+            log.debug("%s: %s traceback:\n%s", outcome.key, outcome.step, outcome.detail)
+        if outcome.step == "convert":
+            self._converted(outcome)
+        else:
+            self._ingested(outcome)
+        run.reporter.advance(outcome.step if outcome.step == "convert" else "ingest", outcome.key, outcome.ok)
+
+    def _stop(self) -> None:
+        """After a signal: start nothing new, give running steps the grace period, record what did not run."""
+        run = self.run
+        run.report.interrupted = run.interrupt.signum
+        not_run = run.steps.cancel_queued() + [("ingest", a.key) for a in self.ready]
+        self.ready = []
+        deadline = time.monotonic() + run.grace
+        while run.steps.busy and time.monotonic() < deadline:
+            for outcome in run.steps.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+                self._record(outcome)
+                self.ready = []  # a conversion that finished now is ingested by the next apply
+        not_run += run.steps.abandon()
+        run.report.not_run = [f"{step} {key}" for step, key in not_run]
+        self._close_phases()
+
+    def _close_phases(self) -> None:
+        run = self.run
+        if self.ingests_started is not None:
+            run.report.seconds["ingest"] = time.perf_counter() - self.ingests_started
+            run.reporter.done("ingest")
 
 
-def _quick_verify(run: Executor) -> None:
+def _add_seconds(run: Run, name: str, start: float) -> None:
+    run.report.seconds[name] = run.report.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _union(frames: list) -> object:
+    import pandas as pd
+
+    merged = pd.concat(frames)
+    return merged[~merged.index.duplicated(keep="first")]
+
+
+def _quick_verify(run: Run) -> None:
     """Check what this run touched: cells, distinct obs ids and nnz per range, as the state says."""
     touched = [k for k in run.report.succeeded
                if k in run.state.samples and run.state.samples[k].ingest == "done"]
@@ -452,6 +548,7 @@ def _write_run_summary(manifest: LoadedManifest, report: ApplyReport, parent_rss
         "ingest_seconds": report.seconds.get("ingest", 0.0),
         "delete_seconds": report.seconds.get("delete", 0.0),
         "verify_seconds": report.seconds.get("verify", 0.0),
+        "allocate_seconds": report.seconds.get("allocate", 0.0),
         "total_seconds": report.seconds.get("total", 0.0),
         "peak_rss_worker_bytes": report.peak_rss_worker,
         "peak_rss_parent_bytes": parent_rss,

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,15 +351,24 @@ def _obs_table(sample: _Sample, schema: AtlasSchema, start: int) -> pa.Table:
                     schema=_obs_schema(schema))
 
 
-def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000) -> IngestStats:
+def _no_fence() -> None: ...
+
+
+def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000,
+                fence: Callable[[], None] = _no_fence) -> IngestStats:
     """Write the h5ad's cells at soma_joinids [start, start+n): obs, then every X layer.
 
     Cell-optimized layers are written from row chunks, gene-optimized ones from column chunks
     of the same counts, each in its layer's global order without a sort. Derived layers are
     computed from the counts in memory, once per chunk. Safe to run concurrently on disjoint
     ranges once the caller has grown the domains.
+
+    `fence` raises when the apply that runs this step lost the atlas; it is called once the write
+    timestamp is fixed and before every X chunk. Why a write that passed it just before a takeover is still safe: every write of
+    this ingest is stamped with the time taken *before* the check passed, and the apply that took over
+    deletes this range (it is still "allocated" in the state) at a later time, which hides the stamped
+    writes however late they land. See README, "Running on a cluster".
     """
-    parent = os.getppid()
     sample = _read_sample_frames(h5ad, schema)
     members = _members(uri, schema)
     columns = _column_map(uri, members, sample)
@@ -370,6 +379,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     by_cells = [layer for layer in schema.layers if layer.optimize == "cells"]
     by_genes = [layer for layer in schema.layers if layer.optimize == "genes"]
     with _mutation() as stamp, ExitStack() as stack, h5py.File(h5ad, "r") as f:
+        fence()  # after the stamp is fixed: a takeover after this check deletes at a later time
         arrays = {layer.name: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
                                                                             tiledb_timestamp=stamp))
                   for layer in schema.layers}
@@ -379,7 +389,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
         # Gene-optimized layers need whole genes, i.e. the whole sample: read it once for all layers.
         whole = _read_chunk(f["X"], sample.indptr, 0, n_obs, columns, n_var) if by_genes else None
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz) if by_cells else ():
-            _stop_if_orphaned(parent)
+            fence()
             chunk = whole[lo:hi] if whole is not None else _read_chunk(f["X"], sample.indptr, lo, hi, columns, n_var)
             rows = _major_index(chunk.indptr)
             totals = _row_totals(rows, chunk.data, hi - lo)
@@ -390,18 +400,13 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
             by_column = whole.tocsc()  # rows ascending within each column: (gene, cell) order
             del whole
             for lo, hi in _row_chunks(by_column.indptr, chunk_nnz):
-                _stop_if_orphaned(parent)
+                fence()
                 a, b = int(by_column.indptr[lo]), int(by_column.indptr[hi])
                 rows = by_column.indices[a:b]
                 genes = _major_index(by_column.indptr[lo:hi + 1] - a) + lo
                 _write_chunk(arrays, by_genes, rows.astype(np.int64) + start, genes, by_column.data[a:b],
                              totals[rows])
     return IngestStats(cells=n_obs, nnz=int(sample.indptr[-1]))
-
-
-def _stop_if_orphaned(parent: int) -> None:
-    if os.getppid() != parent:
-        os._exit(1)  # orphaned worker: the coordinator is gone, stop writing at once
 
 
 def _major_index(indptr: np.ndarray) -> np.ndarray:
@@ -498,8 +503,10 @@ def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> No
                     x.delete_cells((slice(start, min(stop, x.shape[0]) - 1),))
 
 
-def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int) -> int:
-    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n."""
+def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
+               fence: Callable[[], None] = _no_fence) -> int:
+    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n.
+    `fence` as for ingest_h5ad."""
     sample = _read_sample_frames(h5ad, schema)
     table = _obs_table(sample, schema, start)
     n = len(table)
@@ -510,6 +517,7 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int) -> int:
         raise AtlasError(f"rows {start}..{start + n} do not hold the cells of {h5ad}", where=uri,
                          hint="re-ingest the sample instead of updating its obs")
     with _mutation() as stamp, soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
+        fence()
         obs.write(table)
     return n
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 from pydantic import ValidationError
@@ -257,6 +258,11 @@ def _saved_manifest(saved: Plan) -> Path:
     return path
 
 
+class ExecutorKind(str, Enum):
+    loky = "loky"
+    dask = "dask"
+
+
 @app.command()
 def apply(
     target: Path = typer.Argument(..., metavar="MANIFEST_OR_PLAN",
@@ -264,12 +270,21 @@ def apply(
     processes: Optional[int] = typer.Option(None, "--processes", "-p", min=1,
                                             help="Worker processes (default: manifest's, else CPU count)."),
     allow_delete: bool = typer.Option(False, "--allow-delete", help="Allow deleting the cells of removed samples."),
+    executor_kind: Optional[ExecutorKind] = typer.Option(
+        None, "--executor", help="loky (processes on this machine) or dask; default: the manifest's executor.kind."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", metavar="ADDRESS", help="A Dask scheduler, e.g. tcp://10.0.0.5:8786 (implies dask)."),
     chunk_nnz: int = typer.Option(5_000_000, "--chunk-nnz", min=1000, hidden=True),
+    grace: Optional[float] = typer.Option(None, "--grace", min=0.0, hidden=True,
+                                          help="Seconds running steps get to finish after SIGINT/SIGTERM."),
     no_color: NoColor = False,
 ) -> None:
     """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
     from soma_manifest import render
     from soma_manifest.progress import progress_reporter
+
+    if executor_kind is ExecutorKind.loky and scheduler:
+        raise typer.BadParameter("--scheduler needs --executor dask", param_hint="--scheduler")
 
     def run() -> int:
         saved = _read_saved_plan(target)
@@ -286,17 +301,58 @@ def apply(
             else:
                 err.print(render.plan_text(the_plan))
 
-        with progress_reporter(err) as reporter:
+        with _interruptible() as interrupt, progress_reporter(err) as reporter:
             report = atlas.apply(processes=processes, allow_delete=allow_delete, plan=saved, reporter=reporter,
-                                 on_plan=announce, chunk_nnz=chunk_nnz)
+                                 on_plan=announce, chunk_nnz=chunk_nnz,
+                                 executor=executor_kind.value if executor_kind else None, scheduler=scheduler,
+                                 interrupt=interrupt, grace=grace)
         for path in report.swept:
             err.print(f"Removed {_escape(path)}, left by an interrupted run.")
         if not planned[0].has_changes:
             return 0
         _print_report(report, atlas.manifest)
+        if report.interrupted:
+            return 128 + report.interrupted
         return 0 if report.ok else 1
 
     _guard(run)
+
+
+@contextmanager
+def _interruptible() -> Iterator[object]:
+    """SIGINT and SIGTERM during apply. The first asks apply to stop starting steps and to finish cleanly
+    (apply saves the state, the lock is released, exit 130/143). A second one stops at once: the lock is
+    released so that steps still running stop before their next write, and the process exits; the state,
+    saved after every step, is as after a kill -9 and the next apply converges from it.
+
+    The handlers only set a flag and write with os.write. Before, SIGINT raised KeyboardInterrupt wherever
+    each process was (apply and every worker: a terminal signals the whole group), and workers crashed with
+    SIGSEGV inside TileDB's own SIGINT handler (see executors._quiet_worker); SIGTERM ended apply without
+    releasing the lock."""
+    import signal
+
+    from soma_manifest.apply import Interrupt
+
+    interrupt = Interrupt()
+
+    def handler(signum: int, frame: object) -> None:
+        if interrupt.signum is None:
+            interrupt.signum = signum
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping; running steps may finish (press Ctrl-C "
+                        "again to stop at once).\n".encode())
+            return
+        if interrupt.lock is not None:
+            interrupt.lock.__exit__(None, None, None)
+        os.write(2, b"Stopped at once. The state is saved after every step: run `soma-manifest apply` again "
+                    b"to resume.\n")
+        os._exit(128 + interrupt.signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupt
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _print_report(report, manifest: LoadedManifest) -> None:
@@ -310,6 +366,12 @@ def _print_report(report, manifest: LoadedManifest) -> None:
         err.print(f"  [red]verify[/] {_escape(problem)}")
     if report.failed:
         err.print("The failed samples are recorded in the state; fix them and run apply again to retry.")
+    if report.interrupted:
+        import signal
+
+        left = f": {', '.join(report.not_run)}" if report.not_run else ""
+        err.print(f"Interrupted by {signal.Signals(report.interrupted).name}; {len(report.not_run)} step(s) did "
+                  f"not run{_escape(left)}. The state is saved: run `soma-manifest apply` again to resume.")
     err.print(f"Atlas: {_escape(str(manifest.atlas_uri))}  (log: {_escape(str(report.log_file))})")
 
 

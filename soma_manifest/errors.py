@@ -59,3 +59,11 @@ class AtlasError(SomaManifestError):
 
 class InitError(SomaManifestError):
     """`init` cannot write a manifest: a file exists already, or its input is unusable."""
+
+
+class ExecutorError(SomaManifestError):
+    """The executor cannot run steps (e.g. the Dask scheduler is unreachable)."""
+
+
+class LeaseLost(SomaManifestError):
+    """This apply no longer holds the atlas: a step stops before writing anything more."""

@@ -2,17 +2,28 @@
 
 Points: after_create, after_convert, after_allocate, after_delete, mid_delete, mid_ingest (parent, once one
 ingest has finished), worker_ingest_after_obs (a worker, between its obs and X writes), before_state_replace,
-compact_started (the state marked pending, before any array), compact_after_array (after each consolidated array).
+and inside the convert/ingest overlap: overlap_allocate (parent, ranges allocated for a batch of
+conversions while other samples still convert) and overlap_ingest (parent, an ingest finished while
+conversions still run); compact_started (the state marked pending, before any array), compact_after_array
+(after each consolidated array).
 With `:<n>` the process dies the n-th time it reaches the point (e.g. before_state_replace:3, the third state
 save), so that a kill can land in the middle of a run; counts are per process.
+
+SOMA_MANIFEST_PAUSE_AT=<point>:<folder> holds a worker at a pause point (convert_start, ingest_start,
+write_obs_start: before the step checks its lease) while `<folder>/armed` exists: it creates
+`<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
+use it to keep a dead apply's step alive until a new apply has run.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 ENV = "SOMA_MANIFEST_CRASH_AT"
+PAUSE_ENV = "SOMA_MANIFEST_PAUSE_AT"
 _reached: dict[str, int] = {}
 
 
@@ -26,3 +37,13 @@ def crash_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(name: str) -> None:
+    point, _, folder = os.environ.get(PAUSE_ENV, "").partition(":")
+    if point != name or not (Path(folder) / "armed").exists():
+        return
+    (Path(folder) / f"paused-{os.getpid()}").touch()
+    while not (Path(folder) / "release").exists():
+        time.sleep(0.05)
+    (Path(folder) / f"resumed-{os.getpid()}").touch()

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from soma_manifest.errors import ManifestError, SomaManifestError
 from soma_manifest.yamlio import LocatedYaml, load_yaml, pydantic_problems
@@ -30,6 +31,21 @@ class StorageSpec(_Frozen):
     h5ad: str = Field(description="Where converted, standardized h5ad files are written.")
     logs: str = Field(description="Where a log file per apply run is written.")
     state: str | None = Field(default=None, description="State file; default <atlas.storage>/<atlas.name>.state.json.")
+
+
+class ExecutorSpec(_Frozen):
+    kind: Literal["loky", "dask"] = Field(
+        default="loky", description="loky: worker processes on this machine. dask: a dask.distributed cluster.")
+    address: str | None = Field(
+        default=None, pattern=r"^(tcp|tls|ucx|ws|wss)://\S+$",
+        description="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786; omitted: a local cluster "
+                    "of `processes` workers.")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "ExecutorSpec":
+        if self.address is not None and self.kind != "dask":
+            raise ValueError("address is only for kind: dask (set kind: dask, or remove address)")
+        return self
 
 
 class StudySpec(_Frozen):
@@ -83,6 +99,7 @@ class Manifest(_Frozen):
     processes: PositiveInt | None = Field(default=None, description="Default worker count for apply.")
     compaction: CompactionSpec = Field(default_factory=CompactionSpec,
                                        description="Consolidating the atlas' fragments, and the history kept readable.")
+    executor: ExecutorSpec = Field(default=ExecutorSpec(), description="Where apply runs its steps.")
     studies: list[StudySpec] = Field(min_length=1)
 
     @field_validator("studies")

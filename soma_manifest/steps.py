@@ -1,7 +1,8 @@
-"""The work a pool worker does: top-level, picklable functions with small arguments.
+"""The work a worker does (loky or Dask): top-level, picklable functions with small arguments.
 
 Each returns an Outcome instead of raising, so that an error crosses the process boundary
-as text and one bad sample never breaks the pool.
+as text and one bad sample never breaks the pool. Each takes its apply's Lease and does nothing
+once the lease is no longer current (see `fence`); the atlas writes check it again before every write.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from soma_manifest.errors import SomaManifestError
+from soma_manifest.errors import LeaseLost, SomaManifestError
+from soma_manifest.faults import pause_point
+from soma_manifest.lock import Lease
 from soma_manifest.schema import AtlasSchema
 
 
@@ -41,10 +44,25 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _run(key: str, step: str, fn: Callable[[], Any]) -> Outcome:
+def fence(lease: Lease) -> Callable[[], None]:
+    """A check to call before each write: raises LeaseLost once the apply that started the step no longer
+    holds the atlas (it ended, died and was taken over, or was unlocked). One small file read."""
+
+    def check() -> None:
+        if not lease.is_current():
+            raise LeaseLost("this apply no longer holds the atlas lock; the step stopped before writing more",
+                            where=lease.lock, hint="the apply that holds the lock now redoes this sample")
+
+    return check
+
+
+def _run(key: str, step: str, lease: Lease, fn: Callable[[Callable[[], None]], Any]) -> Outcome:
     start = time.perf_counter()
+    check = fence(lease)
     try:
-        value, error, detail = fn(), None, None
+        pause_point(f"{step}_start")
+        check()
+        value, error, detail = fn(check), None, None
     except SomaManifestError as exc:
         value, error, detail = None, exc.render(), traceback.format_exc()
     except Exception as exc:  # noqa: BLE001 - any failure of one sample is recorded, not fatal
@@ -52,25 +70,25 @@ def _run(key: str, step: str, fn: Callable[[], Any]) -> Outcome:
     return Outcome(key, step, error is None, time.perf_counter() - start, peak_rss(), value, error, detail)
 
 
-def convert_step(job, schema: AtlasSchema) -> Outcome:
+def convert_step(lease: Lease, job, schema: AtlasSchema) -> Outcome:
     from soma_manifest.convert import convert_sample
 
-    return _run(job.key, "convert", lambda: convert_sample(job, schema))
+    return _run(job.key, "convert", lease, lambda check: convert_sample(job, schema))
 
 
-def ingest_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int, chunk_nnz: int,
-                sample_joinid: int) -> Outcome:
+def ingest_step(lease: Lease, key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int,
+                chunk_nnz: int, sample_joinid: int) -> Outcome:
     from soma_manifest.atlas import ingest_h5ad, write_sample
 
-    def ingest():
+    def ingest(check: Callable[[], None]):
         # The sample's rows first: a range whose cells were written always has them, to be deleted with it.
         write_sample(uri, schema, sample_joinid, key, h5ad, start)
-        return ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz)
+        return ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz, fence=check)
 
-    return _run(key, "ingest", ingest)
+    return _run(key, "ingest", lease, ingest)
 
 
-def write_obs_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int) -> Outcome:
+def write_obs_step(lease: Lease, key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int) -> Outcome:
     from soma_manifest.atlas import update_obs
 
-    return _run(key, "write_obs", lambda: update_obs(uri, schema, h5ad, start))
+    return _run(key, "write_obs", lease, lambda check: update_obs(uri, schema, h5ad, start, fence=check))

@@ -23,6 +23,7 @@ from soma_manifest.state import State, load_state
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 DEFAULT_SCHEMA = REPO / "schemas" / "default.yaml"
+pytest_plugins = ["daskcluster"]  # the `dask_cluster` fixture: a real scheduler and two workers on 127.0.0.1
 CELL_TYPES = ("T cell", "B cell", "monocyte")
 
 

@@ -1,0 +1,176 @@
+"""Executors side by side, and what the serial coordinator costs per step.
+
+    python bench/executors.py [--preset small] [--processes 2] [--repeat 1] [--out bench/out]
+
+Rows (the real CLI in a subprocess, into a fresh atlas each time, on the preset's raw MTX):
+loky + local path (today), Dask LocalCluster + local path; each ÷ the first.
+
+Then it times, against the atlas the loky run built, each serial step the coordinator
+(`apply`) runs between the workers' steps: reading a sample's genes, extending var, resizing,
+deleting a range, and saving a state of 1,000 samples; and from those and the measured
+per-sample worker time it projects an apply of 1,000 samples on 32 workers. Results:
+OUT/<preset>/executors.md and executors.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_DIR, fresh_dir, run_watched  # noqa: E402
+from generate import add_preset_args, preset_from_args  # noqa: E402
+from query_cost import timed  # noqa: E402
+from run import ATLAS_NAME, ensure_data, verify_atlas, work_dir, write_manifest  # noqa: E402
+
+EXECUTORS = {"loky + local": ["--executor", "loky"], "Dask LocalCluster + local": ["--executor", "dask"]}
+
+
+def run_apply(work: Path, manifest: Path, processes: int, extra: list[str]) -> dict:
+    cli = Path(sys.executable).parent / "soma-manifest"
+    for sub in ("atlas", "h5ad", "logs"):
+        fresh_dir(work / sub)
+    run = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes), *extra], cwd=work)
+    if run.returncode != 0:
+        raise SystemExit(f"apply failed: {run.last_error_line()}")
+    report = json.loads((work / "logs" / "last-apply.json").read_text())
+    steps = _step_seconds(Path(report["log_file"]).read_text())
+    checks = verify_atlas(work / "atlas" / ATLAS_NAME, _data)
+    return {"wall_s": run.seconds, "report": report, "worker_step_s": steps, "checks_ok": _checks_ok(checks),
+            "other_cores_busy": round(run.other_cores, 2)}
+
+
+def _step_seconds(log: str) -> dict[str, list[float]]:
+    """Seconds of each worker step, from the run log's 'converted (... 1.2s)' and 'ingest done (1.2s)'."""
+    return {"convert": [float(s) for s in re.findall(r": converted \(.*?, ([\d.]+)s\)", log)],
+            "ingest": [float(s) for s in re.findall(r": ingest done \(([\d.]+)s\)", log)]}
+
+
+def _checks_ok(checks: dict) -> bool:
+    """As bench/run.py reads baselines.py verify: cell/nnz/sum totals and one sample cell by cell."""
+    return bool(checks.get("totals_match")) and checks.get("sample_equal", True)
+
+
+def _median_s(fn) -> float:
+    return timed(fn, repeat=5)
+
+
+def coordinator_costs(work: Path) -> dict[str, float]:
+    """Each serial coordinator step, timed on a copy of the atlas the loky run built (median of 5)."""
+    import pandas as pd
+
+    from soma_manifest import atlas
+    from soma_manifest.manifest import load_manifest
+    from soma_manifest.schema import load_schema
+    from soma_manifest.state import load_state, save_state
+
+    manifest = load_manifest(work / "atlas.yaml")
+    schema = load_schema(manifest.schema_path)
+    scratch = fresh_dir(work / "coordinator")
+    shutil.copytree(manifest.atlas_uri, scratch / "atlas")
+    uri = str(scratch / "atlas")
+    state = load_state(manifest.state_path)
+    h5ad = next(s.h5ad for s in state.samples.values())
+    genes = atlas.read_h5ad_var(h5ad, schema)
+    counter = iter(range(10**6))
+
+    def new_genes() -> None:
+        n = next(counter)
+        fresh = pd.DataFrame({c.name: [f"NEW{n}_{i}" for i in range(100)] for c in schema.var},
+                             index=pd.Index([f"ENSGNEW{n:06d}{i:04d}" for i in range(100)], name="var_id"))
+        atlas.extend_var(uri, schema, fresh)
+
+    size = state.next_joinid
+    grown = iter(range(1, 10**6))
+    one = next(iter(state.samples.values()))
+    big = state.model_copy(deep=True)
+    big.samples = {f"study/s{i:04d}": one.model_copy() for i in range(1000)}
+    state_file = scratch / "state.json"
+    return {
+        "read sample genes (h5ad var)": _median_s(lambda: atlas.read_h5ad_var(h5ad, schema)),
+        "extend var, no new genes": _median_s(lambda: atlas.extend_var(uri, schema, genes)),
+        "extend var, 100 new genes": _median_s(new_genes),
+        "resize obs + X": _median_s(lambda: atlas.resize_obs(uri, schema, size + 1000 * next(grown))),
+        "delete a 1,000-cell range": _median_s(lambda: atlas.delete_obs_range(uri, schema, 0, 1000)),
+        "save state, 1,000 samples": _median_s(lambda: save_state(big, state_file)),
+    }
+
+
+def projection(costs: dict[str, float], per_sample_worker_s: float, workers: int = 32,
+               samples: int = 1000) -> list[str]:
+    """When does the serial coordinator limit an apply of `samples` on `workers`?"""
+    # Per sample, unbatched (the worst case: conversions arrive one at a time): a save after its convert,
+    # read its genes, extend var, resize, a save for the allocation, a save after its ingest.
+    save = costs["save state, 1,000 samples"]
+    per_sample = (3 * save + costs["read sample genes (h5ad var)"] + costs["extend var, no new genes"]
+                  + costs["resize obs + X"])
+    arrivals = workers / per_sample_worker_s  # samples/s the workers finish when never starved
+    load = per_sample * arrivals
+    lines = [
+        f"- measured worker time per sample (convert + ingest): {per_sample_worker_s:.2f} s",
+        f"- coordinator time per sample, unbatched: {per_sample * 1000:.0f} ms "
+        f"(3 state saves of {save * 1000:.0f} ms, "
+        f"genes {costs['read sample genes (h5ad var)'] * 1000:.0f} ms, "
+        f"extend var {costs['extend var, no new genes'] * 1000:.0f} ms, resize {costs['resize obs + X'] * 1000:.0f} ms)",
+        f"- {workers} workers finish {arrivals:.1f} samples/s; the coordinator is busy {load:.0%} of the time "
+        f"({'the bottleneck' if load >= 1 else 'not the bottleneck'} at this sample size)",
+        f"- it becomes the bottleneck when a sample's worker time drops under {per_sample * workers:.1f} s "
+        f"(with {workers} workers), or above {per_sample_worker_s / per_sample:.0f} workers at this sample size",
+        f"- projected apply of {samples} samples on {workers} workers: "
+        f"{max(samples * per_sample_worker_s / workers, samples * per_sample):.0f} s "
+        f"(workers: {samples * per_sample_worker_s / workers:.0f} s; coordinator alone: {samples * per_sample:.0f} s)",
+    ]
+    return lines
+
+
+_data = None
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _data
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_preset_args(parser)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs per executor")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
+    args = parser.parse_args(argv)
+    preset = preset_from_args(args)
+    work = work_dir(args.out, preset)
+    _data, _ = ensure_data(work, preset, args.seed, args.processes)
+    manifest = write_manifest(work, _data)
+    rows = {}
+    for name, extra in EXECUTORS.items():
+        runs = [run_apply(work, manifest, args.processes, extra) for _ in range(args.repeat)]
+        rows[name] = min(runs, key=lambda r: r["wall_s"])
+        rows[name]["all_wall_s"] = [round(r["wall_s"], 2) for r in runs]
+        if name.startswith("loky"):
+            costs = coordinator_costs(work)
+            steps = rows[name]["worker_step_s"]
+            per_sample_worker_s = (sum(steps["convert"]) + sum(steps["ingest"])) / max(1, len(steps["ingest"]))
+    base = rows["loky + local"]["wall_s"]
+    table = ["| executor | wall ÷ loky | wall s | convert s | ingest s | allocate s | atlas checks "
+             "| other cores busy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        rep = r["report"]
+        table.append(f"| {name} | {r['wall_s'] / base:.2f}x | {r['wall_s']:.1f} | {rep['convert_seconds']:.1f} | "
+                     f"{rep['ingest_seconds']:.1f} | {rep.get('allocate_seconds', 0.0):.2f} | "
+                     f"{'ok' if r['checks_ok'] else 'FAILED'} | {r['other_cores_busy']} |")
+    cost_lines = [f"| {k} | {v * 1000:.1f} |" for k, v in costs.items()]
+    text = "\n".join([f"# Executors, preset {preset.name}, {args.processes} processes", "", *table, "",
+                      "## Serial coordinator steps (median of 5, ms)", "", "| step | ms |", "|---|---|", *cost_lines,
+                      "", "## Projection: 1,000 samples on 32 workers", "",
+                      *projection(costs, per_sample_worker_s)])
+    print(text)
+    (work / "executors.md").write_text(text + "\n")
+    (work / "executors.json").write_text(json.dumps({"rows": rows, "coordinator_s": costs,
+                                                     "per_sample_worker_s": per_sample_worker_s}, indent=1,
+                                                    default=str))
+
+
+if __name__ == "__main__":
+    main()

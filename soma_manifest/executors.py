@@ -1,0 +1,263 @@
+"""Where steps run: a loky pool on this machine, or a dask.distributed cluster. The only module that
+knows which one.
+
+The coordinator (apply) submits top-level step functions with small picklable arguments and consumes
+their Outcomes as they complete. Submissions wait in a local queue and reach the backend only when a
+worker slot is free, so that "stop submitting" really leaves the not-yet-started steps unstarted (and
+urgent steps, e.g. ingests, overtake queued converts). A worker lost mid-step turns into a failed
+Outcome for that step; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from soma_manifest.errors import ExecutorError
+from soma_manifest.steps import Outcome
+
+#: How long a client waits for an unreachable scheduler before giving up.
+CONNECT_TIMEOUT_S = 20
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Which executor runs the steps: `loky`, or `dask` on `address` (None: a LocalCluster)."""
+
+    kind: str = "loky"
+    address: str | None = None
+    processes: int = 1
+
+
+@dataclass
+class _Task:
+    key: str
+    step: str
+    fn: Callable[..., Outcome]
+    args: tuple
+
+
+class StepExecutor(Protocol):
+    def submit(self, key: str, step: str, fn: Callable[..., Outcome], *args: Any, urgent: bool = False) -> None: ...
+    @property
+    def busy(self) -> bool: ...
+    def wait(self, timeout: float) -> list[Outcome]: ...
+    def cancel_queued(self) -> list[tuple[str, str]]: ...
+    def abandon(self) -> list[tuple[str, str]]: ...
+    def shutdown(self) -> None: ...
+
+
+class _Queued:
+    """The local queue and slot accounting shared by both backends."""
+
+    def __init__(self) -> None:
+        self.queue: deque[_Task] = deque()
+        self.running: dict[Any, _Task] = {}  # backend future -> task
+
+    def submit(self, key: str, step: str, fn: Callable[..., Outcome], *args: Any, urgent: bool = False) -> None:
+        task = _Task(key, step, fn, args)
+        (self.queue.appendleft if urgent else self.queue.append)(task)
+        self._fill()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def cancel_queued(self) -> list[tuple[str, str]]:
+        """Forget the steps that have not started; returns (step, key) of each."""
+        dropped = [(t.step, t.key) for t in self.queue]
+        self.queue.clear()
+        return dropped
+
+    def abandon(self) -> list[tuple[str, str]]:
+        """Stop waiting for the running steps (and stop them where the backend can); returns (step, key) of each."""
+        dropped = self.cancel_queued() + [(t.step, t.key) for t in self.running.values()]
+        if self.running:
+            self._abandon_running()
+        self.running.clear()
+        return dropped
+
+    def _abandon_running(self) -> None:
+        raise NotImplementedError
+
+    def _fill(self) -> None:
+        slots = self._slots() if self.queue else 0
+        while self.queue and len(self.running) < slots:
+            task = self.queue.popleft()
+            self.running[self._send(task)] = task
+
+    def _lost(self, task: _Task, exc: BaseException) -> Outcome:
+        return Outcome(task.key, task.step, False, 0.0, 0,
+                       error=f"worker process died: {type(exc).__name__}: {exc}".rstrip(": "))
+
+    def _slots(self) -> int:
+        raise NotImplementedError
+
+    def _send(self, task: _Task) -> Any:
+        raise NotImplementedError
+
+
+def _quiet_worker() -> None:
+    """Workers never see SIGINT: a Ctrl-C reaches the whole process group, and only apply decides what stops.
+
+    Blocked, not ignored: TileDB installs its own SIGINT handler when a worker opens its first array, and a
+    Ctrl-C delivered to it there crashed the worker (SIGSEGV, when the handler it replaced was SIG_IGN).
+    A blocked signal is never delivered, whatever handler is installed, in this thread and in the threads
+    it starts later."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args: object) -> Outcome:
+    """Run one step on a loky worker, unless apply (the worker's parent) is gone.
+
+    loky's workers keep taking queued jobs after a kill -9 of apply; such a job does not start. (The lease,
+    checked by the step itself, is what fences it for certain; this only saves the wasted work early.)
+    """
+    if os.getppid() != coordinator:
+        os._exit(1)
+    return fn(*args)
+
+
+class LokyExecutor(_Queued):
+    """A reusable loky pool of `processes` workers on this machine (fork+exec: safe with tiledbsoma threads)."""
+
+    def __init__(self, processes: int) -> None:
+        super().__init__()
+        self.processes = processes
+        self.pool = self._pool()
+
+    def _pool(self):
+        from loky import get_reusable_executor
+
+        return get_reusable_executor(max_workers=self.processes, timeout=30, initializer=_quiet_worker)
+
+    def _slots(self) -> int:
+        return self.processes
+
+    def _send(self, task: _Task) -> Any:
+        try:
+            return self.pool.submit(_while_coordinator_lives, os.getpid(), task.fn, *task.args)
+        except Exception:  # noqa: BLE001 - a pool broken by a lost worker: loky gives a fresh one
+            self.pool = self._pool()
+            return self.pool.submit(_while_coordinator_lives, os.getpid(), task.fn, *task.args)
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+
+        if not self.running:
+            return []
+        done, _ = wait_futures(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
+        outcomes = []
+        for future in done:
+            task = self.running.pop(future)
+            try:
+                outcomes.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - a worker killed or lost: that step failed
+                outcomes.append(self._lost(task, exc))
+        self._fill()
+        return outcomes
+
+    def _abandon_running(self) -> None:
+        # Steps still running are killed; their ranges stay "allocated" in the state and are redone.
+        self.pool.shutdown(wait=False, kill_workers=True)
+
+    def shutdown(self) -> None:
+        """The pool stays up for the next apply in this process (loky reuses it); nothing is queued."""
+        self.queue.clear()
+
+
+class DaskExecutor(_Queued):
+    """A dask.distributed Client: of the scheduler at `address`, or of a LocalCluster of `processes` workers."""
+
+    def __init__(self, address: str | None, processes: int) -> None:
+        super().__init__()
+        from distributed import Client, as_completed
+
+        self.address = address
+        self.cluster = None
+        if address is None:
+            self.cluster = _local_cluster(processes)
+            self.client = Client(self.cluster)
+            # In each worker's event-loop thread and in its one task thread (which starts TileDB's threads).
+            self.client.wait_for_workers(processes)
+            self.client.run(_quiet_worker)
+            self.client.gather([self.client.submit(_quiet_worker, workers=[w], pure=False)
+                                for w in self.client.nthreads()])
+        else:
+            try:
+                self.client = Client(address, timeout=CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise ExecutorError(f"cannot reach the Dask scheduler at {address} ({exc})", where=address,
+                                    hint="start the scheduler and its workers, or check executor.address / "
+                                         "--scheduler; nothing was written") from None
+        self.completed = as_completed()
+
+    def _slots(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+    def _send(self, task: _Task) -> Any:
+        future = self.client.submit(task.fn, *task.args, key=f"{task.step}-{task.key}-{os.urandom(4).hex()}",
+                                    pure=False)
+        self.completed.add(future)
+        return future
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.completed.next_batch(block=False)
+            if done or not self.running or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        outcomes = []
+        for future in done:
+            task = self.running.pop(future, None)
+            if task is None:
+                continue
+            try:
+                outcomes.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - KilledWorker, a lost connection: that step failed
+                outcomes.append(self._lost(task, exc))
+        self._fill()
+        return outcomes
+
+    def _abandon_running(self) -> None:
+        # Dask does not stop a running task; its lease check stops it once apply releases the lock.
+        self.client.cancel(list(self.running))
+
+    def shutdown(self) -> None:
+        self.abandon()
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _local_cluster(processes: int):
+    """One single-threaded worker process per slot, spawned (no fork after tiledbsoma started its threads)."""
+    import dask
+    import psutil
+    from distributed import LocalCluster
+
+    dask.config.set({
+        "distributed.worker.multiprocessing-method": "spawn",
+        # A step holds one sample; spilling or pausing cannot help it. Past 95% the nanny restarts the
+        # worker and that step fails (recorded, retried by the next apply).
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+    })
+    # Each worker may use an equal share of the machine: one sample's ingest needs about 150 bytes per
+    # chunk nonzero (0.7 GB at the default 5M), far less than any share on a machine that holds an atlas.
+    memory = psutil.virtual_memory().total // processes
+    return LocalCluster(n_workers=processes, threads_per_worker=1, processes=True, memory_limit=memory,
+                        dashboard_address=":0", silence_logs=50)
+
+
+def start_executor(spec: ExecutorConfig) -> StepExecutor:
+    if spec.kind == "dask":
+        return DaskExecutor(spec.address, spec.processes)
+    return LokyExecutor(spec.processes)

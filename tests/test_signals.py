@@ -1,0 +1,75 @@
+"""Issue 12 part 4: SIGINT (Ctrl-C, sent to the whole process group as a terminal does) and SIGTERM (to apply
+alone, as CI and Kubernetes do) stop apply cleanly: exit 130/143, a message, the lock released, and the next
+apply converges. A second SIGINT stops at once and still leaves a state that converges."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Project, apply_ok, assert_converged, read_state, start_cli
+from soma_manifest.faults import PAUSE_ENV
+from soma_manifest.lock import lock_path
+
+
+def wait_for(path_glob: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(path_glob.parent.glob(path_glob.name)):
+        assert time.monotonic() < deadline, f"nothing matched {path_glob}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("sig", "code", "group"), [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_first_signal_finishes_running_steps_and_exits_cleanly(project: Project, tmp_path: Path, sig: int,
+                                                               code: int, group: bool) -> None:
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    (pause / "armed").touch()
+    run = start_cli("apply", project.manifest, "--processes", "1", env={PAUSE_ENV: f"ingest_start:{pause}"})
+    try:
+        wait_for(pause / "paused-*")  # one ingest is running (held); the others wait in the queue
+        (os.killpg if group else os.kill)(run.proc.pid, sig)
+        time.sleep(0.5)  # the held step is still running when the signal arrives
+        (pause / "armed").unlink()
+        (pause / "release").touch()
+        done = run.wait()
+        assert done.returncode == code, done.stderr
+        name = signal.Signals(sig).name
+        assert f"Interrupted by {name}" in done.stderr and "run `soma-manifest apply` again to resume" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not lock_path(project.state_path).exists()
+        state = read_state(project)
+        done_samples = [k for k, s in state.samples.items() if s.ingest == "done"]
+        assert len(done_samples) == 1, "the running step finished, and no other started"
+        apply_ok(project)
+        assert_converged(project)
+    finally:
+        run.kill_session()
+
+
+def test_second_sigint_stops_at_once(project: Project, tmp_path: Path) -> None:
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    (pause / "armed").touch()
+    run = start_cli("apply", project.manifest, "--processes", "1", env={PAUSE_ENV: f"ingest_start:{pause}"})
+    try:
+        wait_for(pause / "paused-*")
+        os.killpg(run.proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(run.proc.pid, signal.SIGINT)
+        done = run.wait()
+        assert done.returncode == 130, done.stderr
+        assert "Stopped at once" in done.stderr
+        assert not lock_path(project.state_path).exists()
+        (pause / "armed").unlink()
+        (pause / "release").touch()  # the held step goes on: it no longer holds the lease and writes nothing
+        wait_for(pause / "resumed-*")
+        apply_ok(project)
+        assert_converged(project)
+    finally:
+        run.kill_session()
