@@ -12,6 +12,9 @@ The Python API (the CLI is a thin layer over it)::
     with atlas.open() as exp: ...          # a read-only tiledbsoma.Experiment
     adata = atlas.to_anndata(samples=["study_1/S1"], genes=["CD3E"])
     presence = atlas.presence()            # samples x genes, which genes each sample measured
+    atlas.history()                        # the applies that changed the atlas
+    with atlas.open(serial=12) as exp: ... # the atlas exactly as apply 12 left it (also to_anndata(serial=))
+    atlas.compact()                        # consolidate + vacuum, keeping compaction.keep_history readable
 
 Importing this package stays light: tiledbsoma, anndata and scipy load only when an operation needs them.
 """

@@ -147,6 +147,32 @@ def test_presence_follows_add_replace_and_remove(applied: Project) -> None:
     assert_converged(applied)
 
 
+def test_reads_as_of_an_earlier_apply_through_the_api(applied: Project) -> None:
+    """open(serial=)/to_anndata(serial=) read the atlas as an apply left it, after a later replace and remove."""
+    atlas = sm.load(applied.manifest)
+    first = atlas.history()[-1]["serial"]
+    old = {key: data for key, data in applied.samples.items()}
+    applied.add_mtx("study_a", "s1", make_sample(25, 12, seed=31, gene_offset=40))  # replace
+    shutil.rmtree(applied.raw / "study_b" / "mtx" / "s1")  # remove
+    del applied.samples["study_b/s1"]
+    assert atlas.apply(processes=2, allow_delete=True).ok
+    for key in ("study_a/s1", "study_b/s1"):
+        then = atlas.to_anndata(samples=[key], serial=first)
+        data = old[key]
+        then = then[[f"{key}/{b}" for b in data.barcodes]]
+        x = sp.csr_matrix(then.X)[:, then.var_names.get_indexer(data.gene_ids)]
+        assert (x != data.counts).nnz == 0, f"{key} at serial {first} differs from what that apply wrote"
+    now = atlas.to_anndata(samples=["study_a/s1"])
+    data = applied.samples["study_a/s1"]
+    assert sorted(now.obs_names) == sorted(f"study_a/s1/{b}" for b in data.barcodes)
+    with atlas.open(serial=first) as exp:
+        assert exp.obs.count == sum(d.counts.shape[0] for d in old.values())
+    with pytest.raises(sm.AtlasError):
+        atlas.to_anndata(samples=["study_b/s1"])  # removed now
+    with pytest.raises(sm.StateError):
+        atlas.open(serial=10_000)
+
+
 def test_presence_of_a_fixed_universe_is_what_the_sample_has(project: Project) -> None:
     universe = project.root / "genes.tsv"
     ids = project.samples["study_a/s1"].gene_ids[:20] + ["ENSG99999999999"]
