@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from soma_manifest import atlas
+from soma_manifest import atlas, storage
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError
 from soma_manifest.faults import crash_point
@@ -295,7 +296,8 @@ def _convert_all(run: Executor, plan: Plan) -> None:
         h5ad = entry.h5ad if "convert_metadata" in action.steps else str(
             h5ad_path_for(run.manifest.h5ad, action.study, action.sample))
         job = ConvertJob(action.key, action.study, action.sample, action.format, action.path,
-                         str(run.manifest.raw), h5ad, metadata_only="convert_metadata" in action.steps)
+                         str(run.manifest.raw), h5ad, metadata_only="convert_metadata" in action.steps,
+                         store=run.manifest.store)
         jobs.append((action.key, convert_step, (job, run.schema)))
     if any(a.kind == "invalid" for a in plan.actions):
         run.save()
@@ -361,13 +363,13 @@ def _ingest_all(run: Executor, plan: Plan, ready: list[Action]) -> None:
     jobs = []
     for action in ready:
         entry = run.state.samples[action.key]
-        args = (action.key, run.uri, run.schema, entry.h5ad, entry.joinids[0], run.chunk_nnz)
+        args = (action.key, run.uri, run.schema, entry.h5ad, entry.joinids[0], run.chunk_nnz, run.manifest.store)
         jobs.append((action.key, ingest_step, args))
     for action in plan.actions:
         if "write_obs" in action.steps and action.key not in run.report.failed:
             entry = run.state.samples[action.key]
             jobs.append((action.key, write_obs_step, (action.key, run.uri, run.schema, entry.h5ad,
-                                                      entry.joinids[0])))
+                                                      entry.joinids[0], run.manifest.store)))
     finished = 0
 
     def done(outcome: Outcome) -> None:
@@ -409,14 +411,19 @@ def _quick_verify(run: Executor) -> None:
 
 
 class _RunLog:
-    """A log file per run in the logs folder (DEBUG, with worker tracebacks)."""
+    """A log file per run in the logs folder (DEBUG, with worker tracebacks).
+
+    On an object store the log is written to a local temporary file and stored when the run ends.
+    """
 
     def __init__(self, manifest: LoadedManifest, report: ApplyReport) -> None:
-        manifest.logs.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.path = manifest.logs / f"apply-{stamp}-{os.getpid()}.log"
         report.log_file = str(self.path)
-        self.handler = logging.FileHandler(self.path)
+        self.staged = None if not self.path.is_remote else tempfile.NamedTemporaryFile(suffix=".log", delete=False).name
+        storage.mkdir(manifest.logs)
+        with storage.guard("open the log file", self.path):
+            self.handler = logging.FileHandler(self.staged or self.path)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def __enter__(self) -> None:
@@ -426,6 +433,12 @@ class _RunLog:
     def __exit__(self, *exc: object) -> None:
         log.removeHandler(self.handler)
         self.handler.close()
+        if self.staged:
+            try:
+                storage.put_file(self.staged, self.path)
+            finally:
+                if os.path.exists(self.staged):
+                    os.unlink(self.staged)
 
 
 def _write_run_summary(manifest: LoadedManifest, report: ApplyReport, parent_rss: int) -> None:
@@ -442,5 +455,5 @@ def _write_run_summary(manifest: LoadedManifest, report: ApplyReport, parent_rss
         "failed": report.failed,
         "log_file": report.log_file,
     }
-    (manifest.logs / "last-apply.json").write_text(json.dumps(payload, indent=1))
+    storage.write_atomic(manifest.logs / "last-apply.json", json.dumps(payload, indent=1).encode())
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 import tiledbsoma as soma
 
+from soma_manifest import storage
 from soma_manifest.errors import AtlasError, SourceError
 from soma_manifest.faults import crash_point
 from soma_manifest.schema import AtlasSchema, Layer
@@ -92,15 +93,35 @@ class _Members:
 # ---------------------------------------------------------------- create and inspect
 
 
+def _ctx() -> soma.SOMATileDBContext | None:
+    """The TileDB context of the configured store (S3 endpoint and region); passed to every open."""
+    return storage.tiledb_context()
+
+
+def _h5(path: str) -> h5py.File:
+    """An intermediate h5ad for reading, local or s3:// (read in place, in large blocks)."""
+    loc = storage.Location(path)
+    return h5py.File(storage.open_read(loc) if loc.is_remote else path, "r")
+
+
 def atlas_exists(uri: str) -> bool:
-    return soma.Experiment.exists(uri)
+    """Whether a complete atlas is at `uri`: creation writes its lineage last, so one without is partial."""
+    return soma.Experiment.exists(uri, context=_ctx()) and read_lineage(uri) is not None
 
 
 def create_atlas(uri: str, schema: AtlasSchema, lineage: str) -> None:
-    """Create the empty atlas, tied to the state's lineage; all or nothing (built in a hidden sibling,
-    then renamed)."""
+    """Create the empty atlas, tied to the state's lineage; all or nothing for a reader and the next apply.
+
+    Locally it is built in a hidden sibling, then renamed. Object stores have no rename: it is built in
+    place and its metadata (structure, lineage) is written last; until then `atlas_exists` and the plan
+    see no atlas, and the next apply removes the partial one and builds again.
+    """
     if atlas_exists(uri):
         raise AtlasError("an atlas already exists here", where=uri, hint="point the manifest at another path")
+    if storage.is_object_store(storage.Location(uri)):
+        storage.delete_tree(storage.Location(uri))
+        _build_experiment(uri, schema, lineage)
+        return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.creating-"))
@@ -118,7 +139,7 @@ def create_atlas(uri: str, schema: AtlasSchema, lineage: str) -> None:
 
 def _build_experiment(uri: str, schema: AtlasSchema, lineage: str) -> None:
     """Every array exists before any ingest: a writer that created one would race the others."""
-    with soma.Experiment.create(uri) as exp:
+    with soma.Experiment.create(uri, context=_ctx()) as exp:
         exp.add_new_dataframe("obs", schema=_obs_schema(schema), domain=((0, 0),))
         ms = exp.add_new_collection("ms")
         rna = ms.add_new_collection(schema.measurement, soma.Measurement)
@@ -128,6 +149,7 @@ def _build_experiment(uri: str, schema: AtlasSchema, lineage: str) -> None:
             # Shapes start at 1 (the minimum); resize_obs and extend_var grow them.
             x.add_new_sparse_ndarray(layer.name, type=_ARROW[layer.type], shape=(1, 1),
                                      platform_config=_X_CREATE if layer.optimize == "cells" else None)
+    with soma.Experiment.open(uri, "w", context=_ctx()) as exp:  # last: marks the atlas complete
         exp.metadata[STRUCTURE_KEY] = schema.structure
         exp.metadata[LINEAGE_KEY] = lineage
 
@@ -165,7 +187,7 @@ def column_names(uri: str, schema: AtlasSchema) -> tuple[list[str], list[str], l
 def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
     """The genes of an intermediate h5ad (index var_id, the schema's var columns), without X."""
     try:
-        with h5py.File(path, "r") as f:
+        with _h5(path) as f:
             var = anndata.io.read_elem(f["var"])
     except (OSError, KeyError) as exc:
         raise SourceError(f"unreadable intermediate h5ad: {exc}", where=path, hint="re-run the convert step") from None
@@ -175,7 +197,7 @@ def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
 
 def _open_experiment(uri: str) -> soma.Experiment:
     try:
-        return soma.Experiment.open(uri)
+        return soma.Experiment.open(uri, context=_ctx())
     except soma.DoesNotExistError:
         raise AtlasError("no atlas here", where=uri, hint="run apply to create it") from None
 
@@ -212,7 +234,7 @@ def _mutation() -> Iterator[int]:
 
 def read_var_ids(uri: str, schema: AtlasSchema) -> pd.Series:
     """var_id -> soma_joinid (int64)."""
-    with soma.DataFrame.open(_members(uri, schema).var) as var:
+    with soma.DataFrame.open(_members(uri, schema).var, context=_ctx()) as var:
         return _var_ids(var)
 
 
@@ -227,7 +249,7 @@ def extend_var(uri: str, schema: AtlasSchema, genes: pd.DataFrame) -> int:
     if genes.index.has_duplicates:
         raise AtlasError("duplicate gene ids in the genes to add", where=uri)
     members = _members(uri, schema)
-    with soma.DataFrame.open(members.var) as var:
+    with soma.DataFrame.open(members.var, context=_ctx()) as var:
         known = _var_ids(var)
     new = genes.loc[~genes.index.isin(known.index), [c.name for c in schema.var]]
     first = int(known.max()) + 1 if len(known) else 0
@@ -242,7 +264,7 @@ def extend_var(uri: str, schema: AtlasSchema, genes: pd.DataFrame) -> int:
             table = pa.Table.from_pandas(
                 new.assign(soma_joinid=np.arange(first, total, dtype=np.int64), var_id=new.index.astype(str)),
                 schema=_var_schema(schema), preserve_index=False)
-            with soma.DataFrame.open(members.var, "w", tiledb_timestamp=stamp) as var:
+            with soma.DataFrame.open(members.var, "w", tiledb_timestamp=stamp, context=_ctx()) as var:
                 var.write(table)
     return total
 
@@ -256,11 +278,11 @@ def resize_obs(uri: str, schema: AtlasSchema, n_obs: int) -> None:
 def _grow(members: _Members, stamp: int, *, n_obs: int, n_var: int) -> None:
     """Grow domains that are smaller than asked; the other axis is left as it is."""
     for uri, n in ((members.obs, n_obs), (members.var, n_var)):
-        with soma.DataFrame.open(uri, "w", tiledb_timestamp=stamp) as df:
+        with soma.DataFrame.open(uri, "w", tiledb_timestamp=stamp, context=_ctx()) as df:
             if _df_size(df) < n:
                 df.tiledbsoma_resize_soma_joinid_shape(n)
     for uri in members.layers.values():
-        with soma.SparseNDArray.open(uri, "w", tiledb_timestamp=stamp) as x:
+        with soma.SparseNDArray.open(uri, "w", tiledb_timestamp=stamp, context=_ctx()) as x:
             shape = (max(x.shape[0], n_obs), max(x.shape[1], n_var))
             if shape != x.shape:
                 x.resize(shape)
@@ -286,7 +308,7 @@ class _Sample:
 
 def _read_sample_frames(path: str, schema: AtlasSchema) -> _Sample:
     try:
-        with h5py.File(path, "r") as f:
+        with _h5(path) as f:
             obs = anndata.io.read_elem(f["obs"])
             var = anndata.io.read_elem(f["var"])
             x = f["X"]
@@ -325,11 +347,11 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     stop = start + len(sample.obs)
     _check_room(uri, members, stop, n_var)
     nnz = 0
-    with _mutation() as stamp, ExitStack() as stack, h5py.File(h5ad, "r") as f:
+    with _mutation() as stamp, ExitStack() as stack, _h5(h5ad) as f:
         layers = {layer: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
-                                                                       tiledb_timestamp=stamp))
+                                                                       tiledb_timestamp=stamp, context=_ctx()))
                   for layer in schema.layers}
-        with soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
+        with soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=_ctx()) as obs:
             obs.write(_obs_table(sample, schema, start))
         crash_point("worker_ingest_after_obs")
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz):
@@ -347,7 +369,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
 
 def _column_map(uri: str, members: _Members, sample: _Sample) -> np.ndarray:
     """The atlas var joinid of each of the sample's genes, in the sample's order."""
-    with soma.DataFrame.open(members.var) as var:
+    with soma.DataFrame.open(members.var, context=_ctx()) as var:
         joinids = _var_ids(var).reindex(sample.var.index.astype(str))
     missing = joinids.index[joinids.isna()]
     if len(missing):
@@ -358,10 +380,10 @@ def _column_map(uri: str, members: _Members, sample: _Sample) -> np.ndarray:
 
 def _check_room(uri: str, members: _Members, stop: int, n_var: int) -> None:
     """Refuse, before writing anything, an ingest the domains cannot hold."""
-    with soma.DataFrame.open(members.obs) as obs:
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs:
         small = [f"obs holds {_df_size(obs)}"] if _df_size(obs) < stop else []
     for name, layer_uri in members.layers.items():
-        with soma.SparseNDArray.open(layer_uri) as x:
+        with soma.SparseNDArray.open(layer_uri, context=_ctx()) as x:
             if x.shape[0] < stop or x.shape[1] < n_var:
                 small.append(f"X[{name}] is {x.shape[0]}x{x.shape[1]}")
     if small:
@@ -414,11 +436,11 @@ def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> No
     # Per-array slices (not obs_axis_delete, which looks up obs first) also remove X
     # entries whose obs rows are missing, e.g. after a crashed ingest.
     with _mutation() as stamp:
-        with soma.DataFrame.open(members.obs, "d", tiledb_timestamp=stamp) as obs:
+        with soma.DataFrame.open(members.obs, "d", tiledb_timestamp=stamp, context=_ctx()) as obs:
             if start < _df_size(obs):
                 obs.delete_cells((slice(start, min(stop, _df_size(obs)) - 1),))
         for layer_uri in members.layers.values():
-            with soma.SparseNDArray.open(layer_uri, "d", tiledb_timestamp=stamp) as x:
+            with soma.SparseNDArray.open(layer_uri, "d", tiledb_timestamp=stamp, context=_ctx()) as x:
                 if start < x.shape[0]:
                     x.delete_cells((slice(start, min(stop, x.shape[0]) - 1),))
 
@@ -429,12 +451,12 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int) -> int:
     table = _obs_table(sample, schema, start)
     n = len(table)
     members = _members(uri, schema)
-    with soma.DataFrame.open(members.obs) as obs:
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs:
         current = _read_slices(obs, [(start, start + n)], ["obs_id"])["obs_id"]
     if not current.equals(table["obs_id"]):
         raise AtlasError(f"rows {start}..{start + n} do not hold the cells of {h5ad}", where=uri,
                          hint="re-ingest the sample instead of updating its obs")
-    with _mutation() as stamp, soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
+    with _mutation() as stamp, soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=_ctx()) as obs:
         obs.write(table)
     return n
 
@@ -446,8 +468,8 @@ def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]) ->
     """Per [start, stop): cells in obs, distinct obs_ids, entries of the counts layer."""
     members = _members(uri, schema)
     stats = []
-    with soma.DataFrame.open(members.obs) as obs, \
-            soma.SparseNDArray.open(members.layers[schema.counts_layer.name]) as counts:
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs, \
+            soma.SparseNDArray.open(members.layers[schema.counts_layer.name], context=_ctx()) as counts:
         for start, stop in ranges:
             ids = _read_slices(obs, [(start, stop)], ["obs_id"])["obs_id"]
             stats.append(RangeStats(start, stop, cells=len(ids), obs_ids=pc.count_distinct(ids).as_py(),
@@ -472,7 +494,7 @@ def count_x_outside(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]
     """X entries, summed over all layers, whose cell lies outside all the ranges."""
     total = 0
     for layer_uri in _members(uri, schema).layers.values():
-        with soma.SparseNDArray.open(layer_uri) as x:
+        with soma.SparseNDArray.open(layer_uri, context=_ctx()) as x:
             total += _count_entries(x, _gaps(ranges, x.shape[0]))
     return total
 

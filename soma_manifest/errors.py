@@ -55,3 +55,7 @@ class PlanError(SomaManifestError):
 
 class AtlasError(SomaManifestError):
     """The atlas on disk does not match what the operation expects."""
+
+
+class StorageError(SomaManifestError):
+    """A file or object of the tool's own (state, lock, h5ad, log, raw) cannot be read or written."""

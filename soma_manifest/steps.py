@@ -12,8 +12,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from soma_manifest import storage
 from soma_manifest.errors import SomaManifestError
 from soma_manifest.schema import AtlasSchema
+from soma_manifest.storage import StoreSettings
 
 
 @dataclass(frozen=True)
@@ -55,16 +57,21 @@ def _run(key: str, step: str, fn: Callable[[], Any]) -> Outcome:
 def convert_step(job, schema: AtlasSchema) -> Outcome:
     from soma_manifest.convert import convert_sample
 
+    storage.configure(job.store)
     return _run(job.key, "convert", lambda: convert_sample(job, schema))
 
 
-def ingest_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int, chunk_nnz: int) -> Outcome:
+def ingest_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int, chunk_nnz: int,
+                store: StoreSettings | None = None) -> Outcome:
     from soma_manifest.atlas import ingest_h5ad
 
+    storage.configure(store)
     return _run(key, "ingest", lambda: ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz))
 
 
-def write_obs_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int) -> Outcome:
+def write_obs_step(key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int,
+                   store: StoreSettings | None = None) -> Outcome:
     from soma_manifest.atlas import update_obs
 
+    storage.configure(store)
     return _run(key, "write_obs", lambda: update_obs(uri, schema, h5ad, start))
