@@ -48,7 +48,7 @@ class S3Server:
     def enforce_auth(self, on: bool) -> None:
         """Make moto check credentials (unknown keys are then refused: access denied)."""
         request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0" if on else b"inf",
-                                         method="POST")
+                                         method="POST", headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(request, timeout=10).read()
 
 
