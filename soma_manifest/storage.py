@@ -138,6 +138,10 @@ class Location:
         return (Location, (self.uri,))
 
 
+def _as_location(value: Location | str | os.PathLike[str]) -> Location:
+    return value if type(value) is Location else Location(value)
+
+
 def resolve(value: str, base: str) -> Location:
     """A manifest path: s3:// URIs as they are; local paths made absolute against `base`."""
     if value.startswith(_S3):
@@ -176,10 +180,10 @@ def _cause(exc: BaseException, loc: Location) -> tuple[str, str]:
             or isinstance(exc, PermissionError):
         if loc.is_remote:
             return "access denied", "grant the credentials in the environment access to this bucket and prefix"
-        return "permission denied", "check the permissions of the path"
+        return getattr(exc, "strerror", None) or "Permission denied", "check the file's permissions"
     code = getattr(exc, "errno", None)
     if code == errno.ENOSPC:
-        return "disk full (no space left on device)", "free space on that filesystem"
+        return "disk full (No space left on device)", "free space on that filesystem"
     if code == errno.EROFS:
         return "read-only filesystem", "point the manifest at a writable location"
     if code == errno.EDQUOT:
@@ -187,7 +191,7 @@ def _cause(exc: BaseException, loc: Location) -> tuple[str, str]:
     if isinstance(exc, FileNotFoundError):
         return "not found", "check the path in the manifest"
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower(), "check the path"
+        return exc.strerror, "check the path"
     return f"{type(exc).__name__}: {text}".strip(), "check the path"
 
 
@@ -283,6 +287,7 @@ class Stat:
 
 
 def stat(loc: Location) -> Stat:
+    loc = _as_location(loc)
     if not loc.is_remote:  # the plan's hot path: no context manager, no snapshot lookup
         try:
             st = os.stat(loc.uri)
@@ -306,6 +311,7 @@ def _s3_stat(info: dict) -> Stat:
 
 def exists(loc: Location) -> bool:
     """Whether a file or folder (prefix) exists at `loc`."""
+    loc = _as_location(loc)
     cached = _snapshot_lookup(loc)
     if cached is not None:
         return True
@@ -318,6 +324,7 @@ def exists(loc: Location) -> bool:
 
 
 def is_dir(loc: Location) -> bool:
+    loc = _as_location(loc)
     cached = _snapshot_lookup(loc)
     if cached is not None or _snapshot_covers(loc):
         return isinstance(cached, dict)
@@ -328,6 +335,7 @@ def is_dir(loc: Location) -> bool:
 
 
 def is_file(loc: Location) -> bool:
+    loc = _as_location(loc)
     cached = _snapshot_lookup(loc)
     if cached is not None or _snapshot_covers(loc):
         return isinstance(cached, Stat)
@@ -342,34 +350,39 @@ def listdir(loc: Location) -> dict[str, bool] | None:
 
     Raises NotADirectoryError when `loc` is a file.
     """
+    loc = _as_location(loc)
     cached = _snapshot_lookup(loc)
     if cached is not None or _snapshot_covers(loc):
         if isinstance(cached, Stat):
             raise NotADirectoryError(loc.uri)
         return None if cached is None else {name: isinstance(v, dict) for name, v in cached.items()}
-    with guard("list", loc):
-        if not loc.is_remote:
-            try:
-                with os.scandir(loc.uri) as entries:
-                    return {e.name: e.is_dir() for e in entries}
-            except FileNotFoundError:
-                return None
-        fs = _fs()
+    if not loc.is_remote:
         try:
-            entries = fs.ls(_key(loc), detail=True)
+            with os.scandir(loc.uri) as found:
+                return {e.name: e.is_dir() for e in found}
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if isinstance(exc, NotADirectoryError):
+                raise
+            return None
+        except OSError as exc:
+            raise _error("list", loc, exc) from None
+    with guard("list", loc):
+        try:
+            entries = _fs().ls(_key(loc), detail=True)
         except FileNotFoundError as exc:
             if not _missing(exc):
                 raise
             return None
-        if not entries:
-            return None
-        if len(entries) == 1 and entries[0]["name"].rstrip("/") == _key(loc) and entries[0]["type"] == "file":
-            raise NotADirectoryError(loc.uri)
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["type"] == "directory" for e in entries}
+    if not entries:
+        return None
+    if len(entries) == 1 and entries[0]["name"].rstrip("/") == _key(loc) and entries[0]["type"] == "file":
+        raise NotADirectoryError(loc.uri)
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["type"] == "directory" for e in entries}
 
 
 def read_bytes(loc: Location, *, missing_ok: bool = False) -> bytes | None:
     """The whole file; None when it does not exist and `missing_ok`."""
+    loc = _as_location(loc)
     try:
         if not loc.is_remote:
             with open(loc.uri, "rb") as fh:
@@ -385,6 +398,7 @@ def read_bytes(loc: Location, *, missing_ok: bool = False) -> bytes | None:
 
 def read_versioned(loc: Location) -> tuple[bytes, str] | None:
     """The file and a version token (ETag on S3, a content hash locally) for `replace_if`; None if missing."""
+    loc = _as_location(loc)
     if not loc.is_remote:
         data = read_bytes(loc, missing_ok=True)
         return None if data is None else (data, hashlib.blake2b(data, digest_size=16).hexdigest())
@@ -402,7 +416,8 @@ def read_versioned(loc: Location) -> tuple[bytes, str] | None:
 
 def open_read(loc: Location) -> IO[bytes]:
     """A binary file object for reading (seekable)."""
-    with guard("open", loc):
+    loc = _as_location(loc)
+    with guard("read", loc):
         if not loc.is_remote:
             return open(loc.uri, "rb")
         return _fs().open(_key(loc), "rb")
@@ -426,6 +441,7 @@ def local_file(loc: Location | str) -> Iterator[str]:
 
 def download(loc: Location, target: str) -> None:
     """Copy one s3:// object (or local file) to the local path `target`."""
+    loc = _as_location(loc)
     with guard("download", loc):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if loc.is_remote:
@@ -439,6 +455,7 @@ def download_tree(loc: Location, target: str) -> bool:
 
     Returns False when there is nothing at `loc`.
     """
+    loc = _as_location(loc)
     with guard("download", loc):
         if not loc.is_remote:
             if not os.path.isdir(loc.uri):
@@ -463,6 +480,7 @@ def download_tree(loc: Location, target: str) -> bool:
 
 def mkdir(loc: Location) -> None:
     """Create a local folder (and its parents); object stores need none."""
+    loc = _as_location(loc)
     if not loc.is_remote:
         with guard("create the folder", loc):
             os.makedirs(loc.uri, exist_ok=True)
@@ -473,6 +491,7 @@ def write_atomic(loc: Location, data: bytes, *, backup: Location | None = None) 
 
     With `backup`, the previous version is kept there; the file itself never goes missing.
     """
+    loc = _as_location(loc)
     if loc.is_remote:
         with guard("write", loc):
             if backup is not None:
@@ -509,6 +528,7 @@ def write_atomic(loc: Location, data: bytes, *, backup: Location | None = None) 
 def put_file(local_path: str, loc: Location) -> None:
     """Store a finished local file at `loc` atomically (local: fsync + rename; S3: one PUT or multipart upload,
     which S3 makes visible only once complete)."""
+    loc = _as_location(loc)
     with guard("write", loc):
         if loc.is_remote:
             _fs().put_file(local_path, _key(loc))
@@ -522,6 +542,7 @@ def put_file(local_path: str, loc: Location) -> None:
 @contextmanager
 def staged_file(loc: Location) -> Iterator[str]:
     """A local path to write the file to; on success it is stored at `loc` atomically, else removed."""
+    loc = _as_location(loc)
     folder = os.path.dirname(loc.uri) if not loc.is_remote else None
     if folder is not None:
         mkdir(Location(folder))
@@ -544,6 +565,7 @@ def staged_file(loc: Location) -> Iterator[str]:
 def create_exclusive(loc: Location, data: bytes) -> bool:
     """Create the file only if it does not exist (local: written in full, then hard-linked into place;
     S3: PutObject with If-None-Match: *). False when it already exists."""
+    loc = _as_location(loc)
     if loc.is_remote:
         try:
             _put(loc, data, IfNoneMatch="*")
@@ -577,6 +599,7 @@ def replace_if(loc: Location, data: bytes, version: str) -> str | None:
     S3: PutObject with If-Match. Local: the file is moved aside atomically, checked, and the new one
     linked into place; if it changed hands meanwhile it is put back.
     """
+    loc = _as_location(loc)
     if loc.is_remote:
         try:
             return _put(loc, data, IfMatch=version)
@@ -608,6 +631,7 @@ def replace_if(loc: Location, data: bytes, version: str) -> str | None:
 
 def delete(loc: Location) -> None:
     """Remove a file if it exists."""
+    loc = _as_location(loc)
     with guard("delete", loc):
         if not loc.is_remote:
             try:
@@ -624,6 +648,7 @@ def delete(loc: Location) -> None:
 
 def delete_tree(loc: Location) -> None:
     """Remove a folder (prefix) and everything under it, if it exists."""
+    loc = _as_location(loc)
     with guard("delete", loc):
         if not loc.is_remote:
             shutil.rmtree(loc.uri, ignore_errors=True)
@@ -666,6 +691,7 @@ def snapshot() -> Iterator[None]:
 
 def prefetch(loc: Location) -> None:
     """List an s3:// prefix once (sizes, ETags, last-modified) for the current snapshot; no-op locally."""
+    loc = _as_location(loc)
     if _snapshot is None or not loc.is_remote or _snapshot_covers(loc):
         return
     with guard("list", loc):
