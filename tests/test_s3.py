@@ -279,3 +279,36 @@ def test_bad_s3_inputs_fail_clearly_and_write_nothing(s3_project: S3Project, s3_
     finally:
         s3_server.enforce_auth(False)
     assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A tiny tmpfs, filled up: every write to it fails with ENOSPC."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+    try:
+        (mount / "atlases").mkdir()
+        try:
+            with open(mount / "filler", "wb", buffering=0) as fh:
+                while True:
+                    fh.write(b"x" * 4096)
+        except OSError:
+            pass
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None:
+    """The state, the lock and the logs on a full filesystem: one error naming the path and the cause."""
+    text = project.manifest.read_text().replace("storage: atlases", f"storage: {full_disk / 'atlases'}")
+    project.manifest.write_text(text)
+    result = invoke_cli("apply", project.manifest)
+    _assert_one_clean_error(result, str(full_disk / "atlases" / "atlas.state.json.lock"), "disk full")
