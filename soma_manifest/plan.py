@@ -147,11 +147,10 @@ class Observations:
 def observe(manifest: LoadedManifest, state: State | None) -> Observations:
     """Discover the selected samples and fingerprint them, reusing the state's digests when stats match.
 
-    On S3, each study's raw prefix and h5ad prefix is listed once (size, ETag, last-modified per object).
+    On S3, each study's raw prefix and the h5ad prefix are listed once (size, ETag, last-modified per object).
     """
     with storage.snapshot():
-        for study in manifest.studies:
-            storage.prefetch(manifest.h5ad / study.name)
+        storage.prefetch(manifest.h5ad)
         return _observe(manifest, state)
 
 

@@ -674,19 +674,22 @@ def is_object_store(loc: Location) -> bool:
 # ---------------------------------------------------------------- listing snapshots
 
 
-_snapshot: dict[str, dict] | None = None  # prefix URI -> nested tree (name -> subtree dict | Stat)
+#: Within `snapshot()`: every prefetched prefix, folder and object URI -> its listing (name -> subtree) or Stat.
+_snapshot: dict[str, dict | Stat] | None = None
+_roots: list[str] = []
 
 
 @contextmanager
 def snapshot() -> Iterator[None]:
     """Within the block, `prefetch`ed s3:// prefixes answer listings and stats from one listing each."""
-    global _snapshot
-    outer = _snapshot
-    _snapshot = {} if outer is None else outer
+    global _snapshot, _roots
+    outer = (_snapshot, _roots)
+    if _snapshot is None:
+        _snapshot, _roots = {}, []
     try:
         yield
     finally:
-        _snapshot = outer
+        _snapshot, _roots = outer
 
 
 def prefetch(loc: Location) -> None:
@@ -696,50 +699,35 @@ def prefetch(loc: Location) -> None:
         return
     with guard("list", loc):
         found = _fs().find(_key(loc), detail=True)
-    tree: dict = {}
+    _roots.append(loc.uri)
     base = _key(loc) + "/"
     for key, info in found.items():
         if not key.startswith(base) or info.get("type") == "directory":
             continue
-        parts = key[len(base):].split("/")
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[parts[-1]] = _s3_stat(info)
-    _snapshot[loc.uri] = tree
-
-
-def _snapshot_root(loc: Location) -> tuple[str, list[str]] | None:
-    if not _snapshot or not loc.is_remote:
-        return None
-    for root in _snapshot:
-        if loc.uri == root:
-            return root, []
-        if loc.uri.startswith(root + "/"):
-            return root, loc.uri[len(root) + 1:].split("/")
-    return None
+        folder, name = loc.uri, key[len(base):]
+        for part in name.split("/")[:-1]:
+            listing = _snapshot.setdefault(folder, {})
+            folder = f"{folder}/{part}"
+            if isinstance(listing, dict):
+                listing.setdefault(part, {})
+        listing = _snapshot.setdefault(folder, {})
+        if isinstance(listing, dict):
+            listing[name.rsplit("/", 1)[-1]] = True
+        _snapshot[f"{loc.uri}/{name}"] = _s3_stat(info)
 
 
 def _snapshot_covers(loc: Location) -> bool:
-    return _snapshot_root(loc) is not None
+    return bool(_roots) and loc.is_remote and any(loc.uri == r or loc.uri.startswith(r + "/") for r in _roots)
 
 
 def _snapshot_lookup(loc: Location) -> dict | Stat | None:
-    found = _snapshot_root(loc)
-    if found is None:
+    """What the snapshot knows at `loc`: a folder's listing, an object's Stat, or None."""
+    if not _snapshot or not loc.is_remote:
         return None
-    root, parts = found
-    node: dict | Stat | None = _snapshot[root]
-    if not parts and not node:
-        return None  # an empty or missing prefix
-    for part in parts:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
+    found = _snapshot.get(loc.uri)
+    if isinstance(found, dict):
+        return {name: _snapshot.get(f"{loc.uri}/{name}", {}) for name in found}
+    return found
 
 
 # ---------------------------------------------------------------- TileDB
