@@ -186,7 +186,7 @@ def test_mixed_local_and_s3(tmp_path: Path, s3_server: S3Server, local: tuple[st
         assert "atlases/atlas.state.json" in p.objects()
 
 
-@pytest.mark.parametrize("point", ["after_create", "mid_ingest", "before_state_replace:3"])
+@pytest.mark.parametrize("point", ["after_create", "mid_ingest"])
 def test_kill_on_s3_converges(s3_project: S3Project, point: str) -> None:
     run = start_cli("apply", s3_project.manifest, env={CRASH_AT: point})
     try:
