@@ -255,7 +255,8 @@ def test_bad_s3_inputs_fail_clearly_and_write_nothing(s3_project: S3Project, s3_
     text = p.manifest.read_text()
 
     p.manifest.write_text(text.replace(f"s3://{p.bucket}/atlases", "s3://no-such-bucket-x/atlases"))
-    _assert_one_clean_error(run_cli("apply", p.manifest), "s3://no-such-bucket-x", "bucket no-such-bucket-x does not exist")
+    _assert_one_clean_error(run_cli("apply", p.manifest), "s3://no-such-bucket-x",
+                            "bucket no-such-bucket-x does not exist")
 
     p.manifest.write_text(text.replace(f"s3://{p.bucket}/raw", f"s3://{p.bucket}/nothing-here"))
     _assert_one_clean_error(invoke_cli("plan", p.manifest), f"s3://{p.bucket}/nothing-here/study_a", "not found")
