@@ -313,3 +313,25 @@ def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None
     project.manifest.write_text(text)
     result = invoke_cli("apply", project.manifest)
     _assert_one_clean_error(result, str(full_disk / "atlases" / "atlas.state.json.lock"), "disk full")
+
+
+def test_running_apply_renews_its_lease(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder pushes its expiry forward while it runs; its epoch stays current until it lets go."""
+    from soma_manifest import lock, storage
+    from soma_manifest.errors import LockError
+
+    storage.configure(storage.StoreSettings(s3_server.endpoint, "us-east-1"))
+    monkeypatch.setattr(lock, "LEASE_SECONDS", 0.6)
+    path = storage.Location(f"s3://{s3_server.new_bucket()}/atlas.state.json.lock")
+    with lock.AtlasLock(path) as held:
+        first = lock.read_holder(path)
+        deadline = time.monotonic() + 30
+        while lock.read_holder(path).expires == first.expires:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.05)
+        assert lock.read_holder(path).epoch == held.epoch and held.lease.is_current()
+        monkeypatch.setattr(lock, "_is_alive", lambda holder: holder.expires > time.time())  # as from another host
+        with pytest.raises(LockError, match="locked by"):
+            with lock.AtlasLock(path):
+                pass
+    assert lock.read_holder(path) is None and not held.lease.is_current()
