@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from soma_manifest import atlas, compact, genes
+from soma_manifest import atlas, compact, genes, storage
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError
 from soma_manifest.executors import ExecutorConfig, StepExecutor, start_executor
@@ -522,14 +523,19 @@ def _quick_verify(run: Run) -> None:
 
 
 class _RunLog:
-    """A log file per run in the logs folder (DEBUG, with worker tracebacks)."""
+    """A log file per run in the logs folder (DEBUG, with worker tracebacks).
+
+    On an object store the log is written to a local temporary file and stored when the run ends.
+    """
 
     def __init__(self, manifest: LoadedManifest, report: ApplyReport) -> None:
-        manifest.logs.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.path = manifest.logs / f"apply-{stamp}-{os.getpid()}.log"
         report.log_file = str(self.path)
-        self.handler = logging.FileHandler(self.path)
+        self.staged = tempfile.NamedTemporaryFile(suffix=".log", delete=False).name if self.path.is_remote else None
+        storage.mkdir(manifest.logs)
+        with storage.guard("open the log file", self.path):
+            self.handler = logging.FileHandler(self.staged or self.path)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def __enter__(self) -> None:
@@ -539,6 +545,12 @@ class _RunLog:
     def __exit__(self, *exc: object) -> None:
         log.removeHandler(self.handler)
         self.handler.close()
+        if self.staged:
+            try:
+                storage.put_file(self.staged, self.path)
+            finally:
+                if os.path.exists(self.staged):
+                    os.unlink(self.staged)
 
 
 def _write_run_summary(manifest: LoadedManifest, report: ApplyReport, parent_rss: int) -> None:
@@ -556,5 +568,5 @@ def _write_run_summary(manifest: LoadedManifest, report: ApplyReport, parent_rss
         "failed": report.failed,
         "log_file": report.log_file,
     }
-    (manifest.logs / "last-apply.json").write_text(json.dumps(payload, indent=1))
+    storage.write_atomic(manifest.logs / "last-apply.json", json.dumps(payload, indent=1).encode())
 

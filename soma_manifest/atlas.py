@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 import tiledbsoma as soma
 
+from soma_manifest import storage
 from soma_manifest.errors import AtlasError, SourceError
 from soma_manifest.faults import crash_point
 from soma_manifest.schema import AtlasSchema, Layer
@@ -105,15 +106,35 @@ class _Members:
 # ---------------------------------------------------------------- create and inspect
 
 
+def _ctx() -> soma.SOMATileDBContext | None:
+    """The TileDB context of the configured store (S3 endpoint and region); passed to every open."""
+    return storage.tiledb_context()
+
+
+def _h5(path: str) -> h5py.File:
+    """An intermediate h5ad for reading, local or s3:// (read in place, in large blocks)."""
+    loc = storage.Location(path)
+    return h5py.File(storage.open_read(loc) if loc.is_remote else path, "r")
+
+
 def atlas_exists(uri: str) -> bool:
-    return soma.Experiment.exists(uri)
+    """Whether a complete atlas is at `uri`: creation writes its lineage last, so one without is partial."""
+    return soma.Experiment.exists(uri, context=_ctx()) and read_lineage(uri) is not None
 
 
 def create_atlas(uri: str, schema: AtlasSchema, lineage: str) -> None:
-    """Create the empty atlas, tied to the state's lineage; all or nothing (built in a hidden sibling,
-    then renamed)."""
+    """Create the empty atlas, tied to the state's lineage; all or nothing for a reader and the next apply.
+
+    Locally it is built in a hidden sibling, then renamed. Object stores have no rename: it is built in
+    place and its metadata (structure, lineage) is written last; until then `atlas_exists` and the plan
+    see no atlas, and the next apply removes the partial one and builds again.
+    """
     if atlas_exists(uri):
         raise AtlasError("an atlas already exists here", where=uri, hint="point the manifest at another path")
+    if storage.is_object_store(storage.Location(uri)):
+        storage.delete_tree(storage.Location(uri))
+        _build_experiment(uri, schema, lineage)
+        return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.creating-"))
@@ -131,7 +152,7 @@ def create_atlas(uri: str, schema: AtlasSchema, lineage: str) -> None:
 
 def _build_experiment(uri: str, schema: AtlasSchema, lineage: str) -> None:
     """Every array exists before any ingest: a writer that created one would race the others."""
-    with soma.Experiment.create(uri) as exp:
+    with soma.Experiment.create(uri, context=_ctx()) as exp:
         exp.add_new_dataframe("obs", schema=_obs_schema(schema), domain=((0, 0),))
         ms = exp.add_new_collection("ms")
         rna = ms.add_new_collection(schema.measurement, soma.Measurement)
@@ -142,6 +163,7 @@ def _build_experiment(uri: str, schema: AtlasSchema, lineage: str) -> None:
             x.add_new_sparse_ndarray(layer.name, type=_ARROW[layer.type], shape=(1, 1),
                                      platform_config=_X_CREATE[layer.optimize])
         _add_sample_arrays(exp, rna)
+    with soma.Experiment.open(uri, "w", context=_ctx()) as exp:  # last: marks the atlas complete
         exp.metadata[STRUCTURE_KEY] = schema.structure
         exp.metadata[LINEAGE_KEY] = lineage
         exp.metadata[PRESENCE_KEY] = "1"
@@ -195,7 +217,7 @@ def column_names(uri: str, schema: AtlasSchema) -> tuple[list[str], list[str], l
 def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
     """The genes of an intermediate h5ad (index var_id, the schema's var columns), without X."""
     try:
-        with h5py.File(path, "r") as f:
+        with _h5(path) as f:
             var = anndata.io.read_elem(f["var"])
     except (OSError, KeyError) as exc:
         raise SourceError(f"unreadable intermediate h5ad: {exc}", where=path, hint="re-run the convert step") from None
@@ -206,7 +228,7 @@ def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
 def open_experiment(uri: str, timestamp: int | None = None) -> soma.Experiment:
     """The experiment, read-only; with `timestamp` (ms), as it was at that moment (TileDB time travel)."""
     try:
-        return soma.Experiment.open(uri, tiledb_timestamp=timestamp)
+        return soma.Experiment.open(uri, tiledb_timestamp=timestamp, context=_ctx())
     except soma.DoesNotExistError:
         raise AtlasError("no atlas here", where=uri, hint="run apply to create it") from None
 
@@ -251,7 +273,7 @@ def settled_timestamp() -> int:
 
 def read_var_ids(uri: str, schema: AtlasSchema) -> pd.Series:
     """var_id -> soma_joinid (int64)."""
-    with soma.DataFrame.open(_members(uri, schema).var) as var:
+    with soma.DataFrame.open(_members(uri, schema).var, context=_ctx()) as var:
         return _var_ids(var)
 
 
@@ -266,7 +288,7 @@ def extend_var(uri: str, schema: AtlasSchema, genes: pd.DataFrame) -> int:
     if genes.index.has_duplicates:
         raise AtlasError("duplicate gene ids in the genes to add", where=uri)
     members = _members(uri, schema)
-    with soma.DataFrame.open(members.var) as var:
+    with soma.DataFrame.open(members.var, context=_ctx()) as var:
         known = _var_ids(var)
     new = genes.loc[~genes.index.isin(known.index), [c.name for c in schema.var]]
     first = int(known.max()) + 1 if len(known) else 0
@@ -281,7 +303,7 @@ def extend_var(uri: str, schema: AtlasSchema, genes: pd.DataFrame) -> int:
             table = pa.Table.from_pandas(
                 new.assign(soma_joinid=np.arange(first, total, dtype=np.int64), var_id=new.index.astype(str)),
                 schema=_var_schema(schema), preserve_index=False)
-            with soma.DataFrame.open(members.var, "w", tiledb_timestamp=stamp) as var:
+            with soma.DataFrame.open(members.var, "w", tiledb_timestamp=stamp, context=_ctx()) as var:
                 var.write(table)
     return total
 
@@ -295,11 +317,11 @@ def resize_obs(uri: str, schema: AtlasSchema, n_obs: int) -> None:
 def _grow(members: _Members, stamp: int, *, n_obs: int, n_var: int) -> None:
     """Grow domains that are smaller than asked; the other axis is left as it is."""
     for uri, n in ((members.obs, n_obs), (members.var, n_var)):
-        with soma.DataFrame.open(uri, "w", tiledb_timestamp=stamp) as df:
+        with soma.DataFrame.open(uri, "w", tiledb_timestamp=stamp, context=_ctx()) as df:
             if _df_size(df) < n:
                 df.tiledbsoma_resize_soma_joinid_shape(n)
     for uri in members.layers.values():
-        with soma.SparseNDArray.open(uri, "w", tiledb_timestamp=stamp) as x:
+        with soma.SparseNDArray.open(uri, "w", tiledb_timestamp=stamp, context=_ctx()) as x:
             shape = (max(x.shape[0], n_obs), max(x.shape[1], n_var))
             if shape != x.shape:
                 x.resize(shape)
@@ -325,7 +347,7 @@ class _Sample:
 
 def _read_sample_frames(path: str, schema: AtlasSchema) -> _Sample:
     try:
-        with h5py.File(path, "r") as f:
+        with _h5(path) as f:
             obs = anndata.io.read_elem(f["obs"])
             var = anndata.io.read_elem(f["var"])
             x = f["X"]
@@ -378,12 +400,12 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     _check_room(uri, members, stop, n_var)
     by_cells = [layer for layer in schema.layers if layer.optimize == "cells"]
     by_genes = [layer for layer in schema.layers if layer.optimize == "genes"]
-    with _mutation() as stamp, ExitStack() as stack, h5py.File(h5ad, "r") as f:
+    with _mutation() as stamp, ExitStack() as stack, _h5(h5ad) as f:
         fence()  # after the stamp is fixed: a takeover after this check deletes at a later time
         arrays = {layer.name: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
-                                                                            tiledb_timestamp=stamp))
+                                                                            tiledb_timestamp=stamp, context=_ctx()))
                   for layer in schema.layers}
-        with soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
+        with soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=_ctx()) as obs:
             obs.write(_obs_table(sample, schema, start))
         crash_point("worker_ingest_after_obs")
         # Gene-optimized layers need whole genes, i.e. the whole sample: read it once for all layers.
@@ -439,7 +461,7 @@ def _write_chunk(arrays: dict[str, soma.SparseNDArray], layers: list[Layer], dim
 
 def _column_map(uri: str, members: _Members, sample: _Sample) -> np.ndarray:
     """The atlas var joinid of each of the sample's genes, in the sample's order."""
-    with soma.DataFrame.open(members.var) as var:
+    with soma.DataFrame.open(members.var, context=_ctx()) as var:
         joinids = _var_ids(var).reindex(sample.var.index.astype(str))
     missing = joinids.index[joinids.isna()]
     if len(missing):
@@ -450,10 +472,10 @@ def _column_map(uri: str, members: _Members, sample: _Sample) -> np.ndarray:
 
 def _check_room(uri: str, members: _Members, stop: int, n_var: int) -> None:
     """Refuse, before writing anything, an ingest the domains cannot hold."""
-    with soma.DataFrame.open(members.obs) as obs:
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs:
         small = [f"obs holds {_df_size(obs)}"] if _df_size(obs) < stop else []
     for name, layer_uri in members.layers.items():
-        with soma.SparseNDArray.open(layer_uri) as x:
+        with soma.SparseNDArray.open(layer_uri, context=_ctx()) as x:
             if x.shape[0] < stop or x.shape[1] < n_var:
                 small.append(f"X[{name}] is {x.shape[0]}x{x.shape[1]}")
     if small:
@@ -494,11 +516,11 @@ def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> No
     # Per-array slices (not obs_axis_delete, which looks up obs first) also remove X
     # entries whose obs rows are missing, e.g. after a crashed ingest.
     with _mutation() as stamp:
-        with soma.DataFrame.open(members.obs, "d", tiledb_timestamp=stamp) as obs:
+        with soma.DataFrame.open(members.obs, "d", tiledb_timestamp=stamp, context=_ctx()) as obs:
             if start < _df_size(obs):
                 obs.delete_cells((slice(start, min(stop, _df_size(obs)) - 1),))
         for layer_uri in members.layers.values():
-            with soma.SparseNDArray.open(layer_uri, "d", tiledb_timestamp=stamp) as x:
+            with soma.SparseNDArray.open(layer_uri, "d", tiledb_timestamp=stamp, context=_ctx()) as x:
                 if start < x.shape[0]:
                     x.delete_cells((slice(start, min(stop, x.shape[0]) - 1),))
 
@@ -511,12 +533,12 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
     table = _obs_table(sample, schema, start)
     n = len(table)
     members = _members(uri, schema)
-    with soma.DataFrame.open(members.obs) as obs:
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs:
         current = _read_slices(obs, [(start, start + n)], ["obs_id"])["obs_id"]
     if not current.equals(table["obs_id"]):
         raise AtlasError(f"rows {start}..{start + n} do not hold the cells of {h5ad}", where=uri,
                          hint="re-ingest the sample instead of updating its obs")
-    with _mutation() as stamp, soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp) as obs:
+    with _mutation() as stamp, soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=_ctx()) as obs:
         fence()
         obs.write(table)
     return n
@@ -529,8 +551,8 @@ def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]) ->
     """Per [start, stop): cells in obs, distinct obs_ids, entries of the counts layer."""
     members = _members(uri, schema)
     stats = []
-    with soma.DataFrame.open(members.obs) as obs, \
-            soma.SparseNDArray.open(members.layers[schema.counts_layer.name]) as counts:
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs, \
+            soma.SparseNDArray.open(members.layers[schema.counts_layer.name], context=_ctx()) as counts:
         for start, stop in ranges:
             ids = _read_slices(obs, [(start, stop)], ["obs_id"])["obs_id"]
             stats.append(RangeStats(start, stop, cells=len(ids), obs_ids=pc.count_distinct(ids).as_py(),
@@ -555,7 +577,7 @@ def count_x_outside(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]
     """X entries, summed over all layers, whose cell lies outside all the ranges."""
     total = 0
     for layer_uri in _members(uri, schema).layers.values():
-        with soma.SparseNDArray.open(layer_uri) as x:
+        with soma.SparseNDArray.open(layer_uri, context=_ctx()) as x:
             total += _count_entries(x, _gaps(ranges, x.shape[0]))
     return total
 
@@ -634,12 +656,12 @@ def presence_complete(uri: str) -> bool:
 
 def add_sample_arrays(uri: str, schema: AtlasSchema) -> None:
     """Create the samples table and presence matrix in an atlas made before them (idempotent)."""
-    with soma.Experiment.open(uri, "w") as exp:
+    with soma.Experiment.open(uri, "w", context=_ctx()) as exp:
         _add_sample_arrays(exp, exp.ms[schema.measurement])
 
 
 def mark_presence_complete(uri: str) -> None:
-    with soma.Experiment.open(uri, "w") as exp:
+    with soma.Experiment.open(uri, "w", context=_ctx()) as exp:
         exp.metadata[PRESENCE_KEY] = "1"
 
 
@@ -656,7 +678,7 @@ def _sample_members(uri: str, schema: AtlasSchema) -> tuple[str, str]:
 def measured_genes(h5ad: str) -> pd.Index:
     """The var ids a sample measured: its h5ad's var, less the genes a fixed universe only padded in."""
     try:
-        with h5py.File(h5ad, "r") as f:
+        with _h5(h5ad) as f:
             ids = anndata.io.read_elem(f["var"]).index
             measured = f.get("uns/soma_manifest/measured")
             return ids[measured[:]] if measured is not None else ids
@@ -677,18 +699,18 @@ def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5
     Runs before its cells are written. Returns the number of measured genes."""
     samples_uri, presence_uri = _sample_members(uri, schema)
     genes = measured_genes(h5ad)
-    with h5py.File(h5ad, "r") as f:
+    with _h5(h5ad) as f:
         cells = int(f["X"].attrs["shape"][0])
-    with soma.DataFrame.open(_members(uri, schema).var) as var:
+    with soma.DataFrame.open(_members(uri, schema).var, context=_ctx()) as var:
         columns = _presence_columns(var, genes, h5ad)
     study, sample = key.split("/", 1)
     row = pa.table({"soma_joinid": [sample_joinid], "sample_id": [key], "study": [study], "sample": [sample],
                     "cells": [cells], "obs_joinid_start": [start], "obs_joinid_stop": [start + cells],
                     "n_measured_genes": [len(columns)]}, schema=_SAMPLES_SCHEMA)
     with _mutation() as stamp:
-        with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp) as table:
+        with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp, context=_ctx()) as table:
             table.write(row)
-        with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp) as presence:
+        with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp, context=_ctx()) as presence:
             presence.write(pa.table({"soma_dim_0": np.full(len(columns), sample_joinid, dtype=np.int64),
                                      "soma_dim_1": columns, "soma_data": np.ones(len(columns), dtype=bool)}))
     return len(columns)
@@ -697,13 +719,13 @@ def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5
 def resize_samples(uri: str, schema: AtlasSchema, n_samples: int) -> None:
     """Grow the samples table to n_samples rows and the presence matrix to n_samples x the var domain."""
     samples_uri, presence_uri = _sample_members(uri, schema)
-    with soma.DataFrame.open(_members(uri, schema).var) as var:
+    with soma.DataFrame.open(_members(uri, schema).var, context=_ctx()) as var:
         n_var = _df_size(var)
     with _mutation() as stamp:
-        with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp) as table:
+        with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp, context=_ctx()) as table:
             if _df_size(table) < n_samples:
                 table.tiledbsoma_resize_soma_joinid_shape(n_samples)
-        with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp) as presence:
+        with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp, context=_ctx()) as presence:
             shape = (max(presence.shape[0], n_samples), max(presence.shape[1], n_var))
             if shape != presence.shape:
                 presence.resize(shape)
@@ -713,11 +735,11 @@ def delete_samples(uri: str, schema: AtlasSchema, sample_joinids: list[int]) -> 
     """Delete these rows of the samples table and of the presence matrix (absent ones are no error)."""
     samples_uri, presence_uri = _sample_members(uri, schema)
     with _mutation() as stamp:
-        with soma.DataFrame.open(samples_uri, "d", tiledb_timestamp=stamp) as table:
+        with soma.DataFrame.open(samples_uri, "d", tiledb_timestamp=stamp, context=_ctx()) as table:
             inside = [j for j in sample_joinids if j < _df_size(table)]
             if inside:
                 table.delete_cells((inside,))
-        with soma.SparseNDArray.open(presence_uri, "d", tiledb_timestamp=stamp) as presence:
+        with soma.SparseNDArray.open(presence_uri, "d", tiledb_timestamp=stamp, context=_ctx()) as presence:
             inside = [j for j in sample_joinids if j < presence.shape[0]]
             if inside:
                 presence.delete_cells((inside,))
@@ -726,14 +748,14 @@ def delete_samples(uri: str, schema: AtlasSchema, sample_joinids: list[int]) -> 
 def read_samples_table(uri: str, schema: AtlasSchema) -> pd.DataFrame:
     """The samples table, indexed by sample joinid."""
     samples_uri, _ = _sample_members(uri, schema)
-    with soma.DataFrame.open(samples_uri) as table:
+    with soma.DataFrame.open(samples_uri, context=_ctx()) as table:
         return table.read().concat().to_pandas().set_index("soma_joinid")
 
 
 def read_presence_rows(uri: str, schema: AtlasSchema) -> dict[int, np.ndarray]:
     """Every presence row: sample joinid -> sorted var joinids."""
     _, presence_uri = _sample_members(uri, schema)
-    with soma.SparseNDArray.open(presence_uri) as presence:
+    with soma.SparseNDArray.open(presence_uri, context=_ctx()) as presence:
         table = presence.read().tables().concat()
     rows, cols = table["soma_dim_0"].to_numpy(), table["soma_dim_1"].to_numpy()
     order = np.lexsort((cols, rows))
@@ -746,7 +768,7 @@ def x_columns(uri: str, schema: AtlasSchema, start: int, stop: int) -> np.ndarra
     """The var joinids that have an entry in any X layer for cells [start, stop)."""
     found = [np.zeros(0, dtype=np.int64)]
     for layer_uri in _members(uri, schema).layers.values():
-        with soma.SparseNDArray.open(layer_uri) as x:
+        with soma.SparseNDArray.open(layer_uri, context=_ctx()) as x:
             for s in _clip([(start, stop)], x.shape[0]):
                 found += [t["soma_dim_1"].to_numpy() for t in x.read((s,)).tables()]
     return np.unique(np.concatenate(found))
@@ -810,25 +832,22 @@ def array_uris(uri: str) -> dict[str, str]:
     return found
 
 
-def _local_folder(array_uri: str, sub: str) -> Path:
-    # TileDB's own layout: one folder per fragment in __fragments, one commit file per write or delete.
+def _array_listing(array_uri: str, sub: str) -> dict[str, bool]:
+    """Names in one of TileDB's folders of the array (__fragments: a folder per fragment; __commits: a file per
+    write or delete) -> whether each is a folder; local or s3:// alike."""
     if array_uri.startswith("file://"):
         array_uri = array_uri[len("file://"):]
-    elif "://" in array_uri:
-        raise AtlasError("compaction lists array folders on local storage only", where=array_uri)
-    return Path(array_uri) / sub
+    return storage.listdir(storage.Location(array_uri) / sub) or {}
 
 
 def fragment_count(array_uri: str) -> int:
     """Fragment folders of the array, including consolidated ones a killed vacuum left behind."""
-    folder = _local_folder(array_uri, "__fragments")
-    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+    return sum(1 for is_dir in _array_listing(array_uri, "__fragments").values() if is_dir)
 
 
 def delete_timestamps(array_uri: str) -> list[int]:
     """The timestamps (ms) of the array's deletes, from their commit files `__<t1>_<t2>_<uuid>_<v>.del`."""
-    folder = _local_folder(array_uri, "__commits")
-    names = [p.name for p in folder.iterdir() if p.suffix == ".del"] if folder.is_dir() else []
+    names = [name for name in _array_listing(array_uri, "__commits") if name.endswith(".del")]
     return sorted(int(name.lstrip("_").split("_")[1]) for name in names)
 
 
@@ -839,7 +858,7 @@ def consolidate_array(array_uri: str, *, purge: bool) -> None:
     earlier timestamp, except that `purge` drops the cells of every delete (see docs/operations.md).
     Uses tiledbsoma's own handle: the same TileDB core that reads and writes the atlas.
     """
-    config = {"sm.consolidation.mode": "fragments", "sm.vacuum.mode": "fragments",
+    config = {**storage.tiledb_config(), "sm.consolidation.mode": "fragments", "sm.vacuum.mode": "fragments",
               "sm.consolidation.purge_deleted_cells": "true" if purge else "false"}
     try:
         with soma.open(array_uri, context=soma.SOMATileDBContext(tiledb_config=config)) as array:

@@ -3,12 +3,18 @@
 The h5ad holds exactly the schema's obs columns (obs index = `<study>/<sample>/<barcode>`),
 var indexed by gene id with the schema's var columns, and canonical CSR int32 raw counts.
 It is written atomically, so a killed convert never leaves a half file under its name.
+Raw data on S3 is copied to a local scratch folder first (the readers work on local files),
+and an h5ad on S3 is written locally, then stored with one upload.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -16,12 +22,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from soma_manifest import genes
+from soma_manifest import genes, storage
 from soma_manifest.errors import SourceError
 from soma_manifest.readers import RawCounts, read_sample
 from soma_manifest.schema import AtlasSchema, ObsColumn
 from soma_manifest.sources import metadata_file
 from soma_manifest.state import GeneMapping
+from soma_manifest.storage import Location
 
 _INT32_MAX = np.iinfo(np.int32).max
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -52,25 +59,66 @@ class ConvertResult:
     gene_mapping: GeneMapping | None = None  # with a gene reference: how the features were mapped
 
 
-def h5ad_path_for(h5ad_root: Path, study: str, sample: str) -> Path:
+def h5ad_path_for(h5ad_root: Location, study: str, sample: str) -> Location:
     return h5ad_root / study / f"{sample}.h5ad"
 
 
 def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
     """Read, standardize and write one sample; raises SourceError naming the bad file."""
+    with _raw_on_disk(job) as local:
+        adata, dropped, mapping = _convert(local, schema)
+    with storage.staged_file(Location(job.h5ad_path)) as tmp:
+        # Uncompressed: the ingest reads it right back, and compression costs more than the disk saves.
+        # Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
+        # write's time), and the atlas stores plain strings anyway.
+        adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
+    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping)
+
+
+@contextmanager
+def _raw_on_disk(job: ConvertJob) -> Iterator[ConvertJob]:
+    """The job with its raw sample and study metadata on local disk: as it is, or copied from S3.
+
+    Errors about the copies name the s3:// originals.
+    """
+    root = Location(job.raw_root)
+    if not root.is_remote:
+        yield job
+        return
+    scratch = tempfile.mkdtemp(prefix="soma-manifest-raw-")
+    try:
+        sample = Location(job.path)
+        local_sample = os.path.join(scratch, sample.relative_to(root))
+        if not job.metadata_only:
+            if job.format == "mtx":
+                storage.download_tree(sample, local_sample)
+            else:
+                storage.download(sample, local_sample)
+        for kind in ("cell_metadata", "sample_metadata"):
+            storage.download_tree(root / job.study / kind, os.path.join(scratch, job.study, kind))
+        try:
+            yield replace(job, path=local_sample, raw_root=scratch)
+        except SourceError as exc:
+            def back(text: str | None) -> str | None:
+                return text.replace(scratch, job.raw_root) if text else text
+
+            raise SourceError(back(exc.message), where=back(exc.where), hint=back(exc.hint)) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _convert(job: ConvertJob, schema: AtlasSchema) -> tuple[ad.AnnData, int, GeneMapping | None]:
     if job.metadata_only:
-        adata = ad.read_h5ad(job.h5ad_path)
+        with storage.local_file(job.h5ad_path) as local:
+            adata = ad.read_h5ad(local)
         prefix = f"{job.study}/{job.sample}/"
         barcodes = np.array([i[len(prefix):] for i in adata.obs_names], dtype=object)
         metadata = _metadata_columns(job, schema, barcodes, None)
         for name, values in metadata.items():
             adata.obs[name] = values
-        dropped, mapping = 0, None
-    else:
-        raw = read_sample(job.format, Path(job.path))
-        adata, dropped, mapping = _standardize(job, schema, raw)
-    _write_atomically(adata, Path(job.h5ad_path))
-    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping)
+        return adata, 0, None
+    raw = read_sample(job.format, Path(job.path))
+    return _standardize(job, schema, raw)
 
 
 def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
@@ -303,18 +351,3 @@ def _typed(values: np.ndarray, col: ObsColumn, path: Path | None = None,
                           where=f"{path}{line}" if path else None,
                           hint=f"fix the value, or change the type of obs column '{col.name}' in the schema")
     return np.asarray(converted).astype(kind)
-
-
-def _write_atomically(adata: ad.AnnData, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # Uncompressed: the ingest reads it right back, and compression costs more than the disk saves.
-        # Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
-        # write's time), and the atlas stores plain strings anyway.
-        adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -67,3 +67,5 @@ class ExecutorError(SomaManifestError):
 
 class LeaseLost(SomaManifestError):
     """This apply no longer holds the atlas: a step stops before writing anything more."""
+class StorageError(SomaManifestError):
+    """A file or object of the tool's own (state, lock, h5ad, log, raw) cannot be read or written."""

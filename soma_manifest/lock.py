@@ -1,4 +1,11 @@
-"""One apply at a time per atlas: an exclusive lock file that names its holder."""
+"""One apply at a time per atlas: an exclusive lock file (or object) that names its holder.
+
+The lock is a lease. It is created with a conditional write (storage.create_exclusive). On the
+local disk a dead holder on this host is seen by its pid and taken over at once. On an object
+store a holder's death cannot be seen, so the lock carries an expiry that the running apply
+renews from a background thread; another apply takes it over only once it has expired (or at
+once when the holder was on this host and its process is gone). `unlock` removes it deliberately.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,23 @@ import json
 import os
 import socket
 import sys
+import threading
+import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
+from soma_manifest import storage
 from soma_manifest.errors import LockError
 from soma_manifest.state import now
+from soma_manifest.storage import Location, StoreSettings
+
+#: How long a lease on an object store lasts without renewal; the holder renews it every third of that.
+LEASE_SECONDS = 60.0
+P = TypeVar("P", Path, Location)
 
 
 @dataclass(frozen=True)
@@ -23,108 +39,122 @@ class Holder:
     started: str
     command: str
     process_created: float  # guards against a recycled pid
-    # A fresh id per acquisition: the lease identity that steps check before writing (see lease_is_current).
+    # A fresh id per acquisition: the lease identity that steps check before writing (see Lease.is_current).
     epoch: str = ""
+    expires: float = 0.0  # unix time the lease ends unless renewed; 0: no expiry (local disk)
 
     def describe(self) -> str:
-        return f"pid {self.pid} on {self.host}, since {self.started}: {self.command}"
+        until = (f", lease until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.expires))}"
+                 if self.expires else "")
+        return f"pid {self.pid} on {self.host}, since {self.started}{until}: {self.command}"
+
+    def payload(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
 
 
-def lock_path(state_path: Path) -> Path:
+def lock_path(state_path: P) -> P:
     return state_path.with_name(state_path.name + ".lock")
 
 
-def _me() -> Holder:
+def _me(path: Location) -> Holder:
+    expires = time.time() + LEASE_SECONDS if storage.is_object_store(path) else 0.0
     return Holder(os.getpid(), socket.gethostname(), now(), " ".join(sys.argv) or "python",
-                  psutil.Process().create_time(), uuid.uuid4().hex)
+                  psutil.Process().create_time(), uuid.uuid4().hex, expires)
 
 
-def read_holder(path: Path) -> Holder | None:
-    try:
-        return Holder(**json.loads(path.read_text()))
-    except FileNotFoundError:
+def _read(path: Location) -> tuple[Holder, str] | None:
+    got = storage.read_versioned(path)
+    if got is None:
         return None
-    except (OSError, ValueError, TypeError):
-        # Locks are never half-written (see _try_create): this one is damaged. Treat its holder as gone.
-        return Holder(0, socket.gethostname(), "?", "unknown (unreadable lock file)", 0.0)
+    data, version = got
+    try:
+        return Holder(**json.loads(data)), version
+    except (ValueError, TypeError):
+        # Locks are never half-written (conditional whole writes): this one is damaged. Its holder is gone.
+        return Holder(0, socket.gethostname(), "?", "unknown (unreadable lock file)", 0.0), version
+
+
+def read_holder(path: Path | Location) -> Holder | None:
+    got = _read(Location(path))
+    return got[0] if got else None
 
 
 def _is_alive(holder: Holder) -> bool:
-    if holder.host != socket.gethostname():
-        return True  # cannot tell from here; only `unlock` may remove it
-    try:
-        proc = psutil.Process(holder.pid)
-        return abs(proc.create_time() - holder.process_created) < 1.0
-    except (psutil.NoSuchProcess, ValueError):
-        return False
+    if holder.host == socket.gethostname():
+        try:
+            proc = psutil.Process(holder.pid)
+            return abs(proc.create_time() - holder.process_created) < 1.0
+        except (psutil.NoSuchProcess, ValueError):
+            return False
+    if holder.expires:
+        return holder.expires > time.time()
+    return True  # another host, no lease: cannot tell from here; only `unlock` may remove it
 
 
 class AtlasLock:
-    """`with AtlasLock(path):` holds the lock; a dead holder on this host is taken over."""
+    """`with AtlasLock(path):` holds the lock; a dead holder (or an expired lease) is taken over."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | Location) -> None:
+        self.path = Location(path)
         self.epoch = ""  # set once held
         self._created: list[Path] = []  # folders made for the lock, removed again if the run left them empty
+        self._version = ""
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     @property
     def lease(self) -> "Lease":
         """What a step needs to check that this apply still holds the atlas (small and picklable)."""
-        return Lease(str(self.path), self.epoch)
+        return Lease(str(self.path), self.epoch, storage.settings())
 
     def __enter__(self) -> "AtlasLock":
-        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._created = missing
+        if not self.path.is_remote:
+            folder = Path(self.path.uri).parent
+            self._created = [p for p in (folder, *folder.parents) if not p.exists()]
         for _ in range(3):
-            if self._try_create():
-                return self
-            holder = read_holder(self.path)
-            if holder is None:
+            me = _me(self.path)
+            if storage.create_exclusive(self.path, me.payload()):
+                return self._held(me, storage.read_versioned(self.path))
+            found = _read(self.path)
+            if found is None:
                 continue
+            holder, version = found
             if _is_alive(holder):
                 raise LockError(f"the atlas is locked by {holder.describe()}", where=self.path,
                                 hint="wait for that apply to finish; if it is gone, run `soma-manifest unlock`")
-            self._take_over(holder)
+            # Conditional on the version read: of two applies taking over at once, one wins.
+            new_version = storage.replace_if(self.path, me.payload(), version)
+            if new_version is not None:
+                return self._held(me, (me.payload(), new_version))
         raise LockError("could not take the lock (it changed hands repeatedly)", where=self.path)
 
-    def _try_create(self) -> bool:
-        # Written in full under a temporary name, then hard-linked into place (which fails if the lock
-        # exists): another apply never reads a half-written lock and mistakes its live holder for dead.
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "w") as fh:
-                json.dump(asdict(_me()), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
-                return False
-            self.epoch = json.loads(tmp.read_text())["epoch"]
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
+    def _held(self, me: Holder, current: tuple[bytes, str] | None) -> "AtlasLock":
+        self.epoch = me.epoch
+        self._version = current[1] if current else ""
+        if me.expires:
+            self._renewer = threading.Thread(target=self._renew, args=(me,), name="soma-manifest-lease", daemon=True)
+            self._renewer.start()
+        return self
 
-    def _take_over(self, dead: Holder) -> None:
-        # Rename is atomic, but another process may have taken over and locked in between:
-        # if what we moved aside is not the dead holder's file, put it back.
-        stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
-        try:
-            os.replace(self.path, stale)
-        except FileNotFoundError:
-            return
-        if read_holder(stale) != dead:
+    def _renew(self, me: Holder) -> None:
+        """Push the lease's expiry forward while the apply runs; stop if it was taken over or unlocked."""
+        while not self._stop.wait(LEASE_SECONDS / 3):
+            renewed = replace(me, expires=time.time() + LEASE_SECONDS)
             try:
-                os.link(stale, self.path)
-            except FileExistsError:
-                pass
-        os.unlink(stale)
+                version = storage.replace_if(self.path, renewed.payload(), self._version)
+            except Exception:  # noqa: BLE001 - a failed renewal is retried; the lease shows the outcome
+                continue
+            if version is None:
+                return  # lost: Lease.is_current() now says so to every step
+            self._version = version
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
         holder = read_holder(self.path)
-        if holder is not None and holder.pid == os.getpid():
-            self.path.unlink(missing_ok=True)
+        if holder is not None and holder.epoch == self.epoch:
+            storage.delete(self.path)
         # A refused apply leaves no empty folder behind (rmdir refuses a folder that holds anything).
         for folder in self._created:
             try:
@@ -135,19 +165,24 @@ class AtlasLock:
 
 @dataclass(frozen=True)
 class Lease:
-    """An apply's hold on the atlas, as steps see it: the lock's location and the holder's epoch."""
+    """An apply's hold on the atlas, as steps see it: the lock's location and the holder's epoch
+    (plus the object-store settings needed to read the lock; never credentials)."""
 
     lock: str
     epoch: str
+    store: StoreSettings | None = None
 
     def is_current(self) -> bool:
-        """Whether the lock still names this epoch: false once the apply ended, was unlocked or taken over."""
-        holder = read_holder(Path(self.lock))
+        """Whether the lock still names this epoch: false once the apply ended, was unlocked or taken over.
+        One small read of the lock file or object."""
+        if self.store is not None:
+            storage.configure(self.store)
+        holder = read_holder(Location(self.lock))
         return holder is not None and holder.epoch == self.epoch
 
 
-def force_unlock(path: Path) -> Holder | None:
+def force_unlock(path: Path | Location) -> Holder | None:
     """Remove the lock whoever holds it; returns who held it."""
     holder = read_holder(path)
-    path.unlink(missing_ok=True)
+    storage.delete(Location(path))
     return holder

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from soma_manifest import storage
 from soma_manifest.errors import ManifestError, SomaManifestError
+from soma_manifest.storage import Location, StoreSettings
 from soma_manifest.yamlio import LocatedYaml, load_yaml, pydantic_problems
 
 Format = Literal["mtx", "h5ad", "10x_h5"]
@@ -27,9 +30,9 @@ class AtlasSpec(_Frozen):
 
 
 class StorageSpec(_Frozen):
-    raw: str = Field(description="Raw data root: <raw>/<study>/<format>/<sample>...")
-    h5ad: str = Field(description="Where converted, standardized h5ad files are written.")
-    logs: str = Field(description="Where a log file per apply run is written.")
+    raw: str = Field(description="Raw data root: <raw>/<study>/<format>/<sample>... (a local path or s3:// URI).")
+    h5ad: str = Field(description="Where converted, standardized h5ad files are written (local path or s3:// URI).")
+    logs: str = Field(description="Where a log file per apply run is written (local path or s3:// URI).")
     state: str | None = Field(default=None, description="State file; default <atlas.storage>/<atlas.name>.state.json.")
 
 
@@ -46,6 +49,17 @@ class ExecutorSpec(_Frozen):
         if self.address is not None and self.kind != "dask":
             raise ValueError("address is only for kind: dask (set kind: dask, or remove address)")
         return self
+class ObjectStoreSpec(_Frozen):
+    """Settings for s3:// paths. Credentials never go here: they come from the AWS environment chain."""
+
+    endpoint_url: str | None = Field(
+        default=None, pattern=r"^https?://[^/@\s]+/?$",
+        description="S3-compatible endpoint (MinIO, Ceph, ...), e.g. http://127.0.0.1:9000; "
+                    "default: AWS, or the AWS_ENDPOINT_URL environment variable.")
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$", description="Region, e.g. us-east-1.")
+
+    def settings(self) -> StoreSettings:
+        return StoreSettings(self.endpoint_url.rstrip("/") if self.endpoint_url else None, self.region)
 
 
 class StudySpec(_Frozen):
@@ -96,6 +110,7 @@ class Manifest(_Frozen):
     atlas: AtlasSpec
     schema_: str = Field(alias="schema", description="Atlas schema file (see schemas/default.yaml).")
     storage: StorageSpec
+    object_store: ObjectStoreSpec | None = Field(default=None, description="Settings used for s3:// paths.")
     processes: PositiveInt | None = Field(default=None, description="Default worker count for apply.")
     compaction: CompactionSpec = Field(default_factory=CompactionSpec,
                                        description="Consolidating the atlas' fragments, and the history kept readable.")
@@ -115,17 +130,18 @@ class Manifest(_Frozen):
 class LoadedManifest(BaseModel):
     """A validated manifest with every path resolved, plus where it came from."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     path: Path
     spec: Manifest
     digest: str
-    atlas_uri: Path
+    # Locations: local paths or s3:// URIs, path-like (`/`, `.name`, `.parent`, `str()`); I/O goes through storage.
+    atlas_uri: Location
     schema_path: Path
-    raw: Path
-    h5ad: Path
-    logs: Path
-    state_path: Path
+    raw: Location
+    h5ad: Location
+    logs: Location
+    state_path: Location
     # dotted location ("studies.1.samples.0") -> line in the manifest file, for located errors
     lines: dict[str, int]
 
@@ -136,6 +152,11 @@ class LoadedManifest(BaseModel):
     @property
     def name(self) -> str:
         return self.spec.atlas.name
+
+    @property
+    def store(self) -> StoreSettings:
+        """The object-store settings (no credentials), for workers that must reach the same store."""
+        return self.spec.object_store.settings() if self.spec.object_store else StoreSettings()
 
     def locate(self, loc: tuple[str | int, ...]) -> str:
         """`file:line` of a manifest location (the nearest enclosing one that has a line)."""
@@ -157,35 +178,63 @@ class LoadedManifest(BaseModel):
 
 
 def load_manifest(path: Path) -> LoadedManifest:
-    """Parse and validate a manifest; all problems are reported at once, each with its line."""
+    """Parse and validate a manifest; all problems are reported at once, each with its line.
+
+    Its object_store settings become this process' settings for s3:// paths (storage.configure).
+    """
     path = Path(path)
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ManifestError([f"{path}:1: a manifest is a YAML mapping with version, atlas, schema, storage and studies"])
+    secrets = _secret_keys(doc, doc.data, ())
+    if secrets:
+        raise ManifestError(secrets)
     try:
         spec = Manifest.model_validate(doc.data)
     except ValidationError as exc:
         raise ManifestError(pydantic_problems(doc, exc.errors())) from None
-    base = path.resolve().parent
-
-    def resolve(value: str) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base / p).resolve()
-
-    atlas_root = resolve(spec.atlas.storage)
-    state = resolve(spec.storage.state) if spec.storage.state else atlas_root / f"{spec.atlas.name}.state.json"
-    return LoadedManifest(
+    if spec.schema_.startswith("s3://"):
+        raise ManifestError([doc.problem(("schema",), "the schema file must be a local file for now "
+                                                      "(keep it next to the manifest, in version control)")])
+    base = str(path.resolve().parent)
+    atlas_root = storage.resolve(spec.atlas.storage, base)
+    state = (storage.resolve(spec.storage.state, base) if spec.storage.state
+             else atlas_root / f"{spec.atlas.name}.state.json")
+    loaded = LoadedManifest(
         path=path.resolve(),
         spec=spec,
         digest=hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
         atlas_uri=atlas_root / spec.atlas.name,
-        schema_path=resolve(spec.schema_),
-        raw=resolve(spec.storage.raw),
-        h5ad=resolve(spec.storage.h5ad),
-        logs=resolve(spec.storage.logs),
+        schema_path=Path(storage.resolve(spec.schema_, base).uri),
+        raw=storage.resolve(spec.storage.raw, base),
+        h5ad=storage.resolve(spec.storage.h5ad, base),
+        logs=storage.resolve(spec.storage.logs, base),
         state_path=state,
         lines={**_study_lines(doc, spec), "schema": doc.line_of(("schema",))},
     )
+    storage.configure(loaded.store)
+    return loaded
+
+
+#: Key names that hold credentials. Credentials come only from the environment (AWS chain).
+_SECRET = re.compile(r"secret|passw|token|credential|access_?key|session|private_?key|api_?key", re.IGNORECASE)
+
+
+def _secret_keys(doc: LocatedYaml, node: Any, loc: tuple[str | int, ...]) -> list[str]:
+    """Every key that looks like a credential, located; the values are never repeated."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if _SECRET.search(str(key)):
+                found.append(doc.problem((*loc, key), "looks like a credential: credentials never go in a manifest "
+                                                      "(remove it; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                                                      "AWS_PROFILE in the environment)"))
+            else:
+                found.extend(_secret_keys(doc, value, (*loc, key)))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found.extend(_secret_keys(doc, item, (*loc, i)))
+    return found
 
 
 def _study_lines(doc: LocatedYaml, spec: Manifest) -> dict[str, int]:

@@ -8,9 +8,8 @@ complete, so a killed upgrade simply runs again (the writes are idempotent).
 from __future__ import annotations
 
 import logging
-import os
 
-from soma_manifest import atlas
+from soma_manifest import atlas, storage
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import State, save_state
@@ -33,7 +32,7 @@ def upgrade(manifest: LoadedManifest, schema: AtlasSchema, state: State) -> None
         if entry.ingest != "done" or entry.joinids is None:
             continue
         current = (entry.raw_digest, entry.conversion) == (entry.atlas_raw_digest, entry.atlas_conversion)
-        if entry.h5ad and os.path.exists(entry.h5ad) and current:
+        if entry.h5ad and storage.exists(storage.Location(entry.h5ad)) and current:
             if entry.sample_joinid is None:
                 state.allocate_sample(entry)
             filled.append((key, entry))

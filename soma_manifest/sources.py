@@ -1,6 +1,7 @@
 """A read-only look at raw storage: which samples the manifest selects, and their fingerprints.
 
-Stdlib only: this runs on every `plan`, which must stay fast with thousands of samples.
+Stdlib and storage only: this runs on every `plan`, which must stay fast with thousands of samples.
+Raw storage may be local or s3://; on S3 each study prefix is listed once per plan (storage.snapshot).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import fnmatch
 import gzip
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from soma_manifest import storage
 from soma_manifest.errors import ManifestError, SourceError
 from soma_manifest.manifest import LoadedManifest, StudySpec
+from soma_manifest.storage import Location
 
 #: Where a format's samples live under <raw>/<study>/, and the file suffix of one sample.
 FORMAT_DIRS = {"mtx": ("mtx", ""), "h5ad": ("h5ad", ".h5ad"), "10x_h5": ("10x_h5", ".h5")}
@@ -26,11 +28,13 @@ _HASH_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class FileStat:
-    """A raw file as `os.stat` sees it; equal stats mean the content digest can be reused."""
+    """A raw file's size and mtime (local) or ETag and last-modified (S3); equal stats mean the content
+    digest can be reused."""
 
     path: str
     size: int
     mtime_ns: int
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class SampleSource:
     study: str
     sample: str
     format: str
-    path: Path  # the mtx folder, or the .h5ad / .h5 file
+    path: Location  # the mtx folder, or the .h5ad / .h5 file
 
     @property
     def key(self) -> str:
@@ -53,10 +57,14 @@ def is_junk(name: str) -> bool:
 
 
 def discover(manifest: LoadedManifest) -> list[SampleSource]:
-    """Every sample the manifest selects, sorted by key; all layout problems raised at once."""
+    """Every sample the manifest selects, sorted by key; all layout problems raised at once.
+
+    Inside a `storage.snapshot()`, an s3:// study is listed once and later lookups use that listing.
+    """
     problems: list[str] = []
     found: list[SampleSource] = []
     for index, study in enumerate(manifest.studies):
+        storage.prefetch(manifest.raw / study.name)
         found.extend(_discover_study(manifest, index, study, problems))
     if problems:
         raise ManifestError(problems)
@@ -67,11 +75,11 @@ def _discover_study(manifest: LoadedManifest, index: int, study: StudySpec, prob
     subdir, suffix = FORMAT_DIRS[study.format]
     folder = manifest.raw / study.name / subdir
     where = manifest.locate(("studies", index))
-    if not (manifest.raw / study.name).is_dir():
+    if not storage.is_dir(manifest.raw / study.name):
         problems.append(f"{where}: studies.{index}.name: study folder {manifest.raw / study.name} not found "
                         f"(create it, or fix the study name or storage.raw)")
         return []
-    if not folder.is_dir():
+    if not storage.is_dir(folder):
         problems.append(f"{where}: studies.{index}: no {subdir}/ folder in {manifest.raw / study.name} for format "
                         f"'{study.format}' (put the samples in {folder}, or set the study's format)")
         return []
@@ -97,16 +105,15 @@ def _discover_study(manifest: LoadedManifest, index: int, study: StudySpec, prob
     return [SampleSource(study.name, name, study.format, folder / f"{name}{suffix}") for name in sorted(selected)]
 
 
-def _list_samples(folder: Path, suffix: str) -> list[str]:
+def _list_samples(folder: Location, suffix: str) -> list[str]:
     names = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if is_junk(entry.name):
-                continue
-            if suffix and entry.name.endswith(suffix) and entry.is_file():
-                names.append(entry.name[: -len(suffix)])
-            elif not suffix and entry.is_dir():
-                names.append(entry.name)
+    for name, is_dir in (storage.listdir(folder) or {}).items():
+        if is_junk(name):
+            continue
+        if suffix and name.endswith(suffix) and not is_dir:
+            names.append(name[: -len(suffix)])
+        elif not suffix and is_dir:
+            names.append(name)
     return sorted(names)
 
 
@@ -115,11 +122,12 @@ def _preview(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def mtx_files(folder: Path) -> dict[str, Path]:
+def mtx_files(folder: Location | Path) -> dict[str, Location]:
     """The matrix, barcodes and features (v3) or genes (v2) files of a Cell Ranger MTX sample.
 
     The files may sit in the sample folder itself or in Cell Ranger's `outs/filtered_feature_bc_matrix`.
     """
+    folder = Location(folder)
     names = _listing(folder, required=True)
     if not any(n.startswith("matrix.mtx") for n in names):
         for sub in MTX_SUBDIRS[1:]:
@@ -129,20 +137,20 @@ def mtx_files(folder: Path) -> dict[str, Path]:
     return _mtx_roles(folder, names)
 
 
-def _listing(base: Path, *, required: bool) -> set[str] | None:
+def _listing(base: Location, *, required: bool) -> set[str] | None:
     """Names in `base` (junk left out); None when an optional folder is absent."""
     try:
-        return {e.name for e in os.scandir(base) if not is_junk(e.name)}
-    except (FileNotFoundError, NotADirectoryError) as exc:
+        entries = storage.listdir(base)
+    except NotADirectoryError:
         if not required:
             return None
-        if isinstance(exc, NotADirectoryError):
-            raise SourceError("expected a Cell Ranger MTX folder, found a file", where=base,
-                              hint="declare single-file samples with format 10x_h5 or h5ad") from None
-        raise SourceError("sample folder not found", where=base, hint="check the path in the manifest") from None
-    except OSError as exc:
-        raise SourceError(f"cannot list the folder: {exc.strerror}", where=base,
-                          hint="check the folder's permissions") from None
+        raise SourceError("expected a Cell Ranger MTX folder, found a file", where=base,
+                          hint="declare single-file samples with format 10x_h5 or h5ad") from None
+    if entries is None:
+        if not required:
+            return None
+        raise SourceError("sample folder not found", where=base, hint="check the path in the manifest")
+    return {name for name in entries if not is_junk(name)}
 
 
 _MTX_ROLES = {
@@ -152,7 +160,7 @@ _MTX_ROLES = {
 }
 
 
-def _mtx_roles(base: Path, names: set[str]) -> dict[str, Path]:
+def _mtx_roles(base: Location, names: set[str]) -> dict[str, Location]:
     files = {}
     for role, candidates in _MTX_ROLES.items():
         found = [name for name in candidates if name in names]
@@ -167,67 +175,59 @@ def _mtx_roles(base: Path, names: set[str]) -> dict[str, Path]:
     return files
 
 
-def sample_files(source: SampleSource) -> list[Path]:
+def sample_files(source: SampleSource) -> list[Location]:
     """The raw files a sample consists of, in a stable order."""
     if source.format == "mtx":
         return list(mtx_files(source.path).values())
-    if not source.path.is_file():
+    if not storage.is_file(source.path):
         raise SourceError("sample file not found", where=source.path)
     return [source.path]
 
 
-def stat_files(paths: list[Path], root: Path) -> tuple[FileStat, ...]:
+def stat_files(paths: list[Location], root: Location) -> tuple[FileStat, ...]:
     stats = []
     for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise SourceError(f"cannot stat: {exc.strerror}", where=path) from None
-        stats.append(FileStat(_relative(path, root), st.st_size, st.st_mtime_ns))
+        st = storage.stat(path)
+        stats.append(FileStat(_relative(path, root), st.size, st.mtime_ns, st.etag))
     return tuple(stats)
 
 
-def content_digest(paths: list[Path], root: Path) -> str:
+def content_digest(paths: list[Location], root: Location) -> str:
     """Digest of the files' names (relative to `root`) and bytes."""
     h = hashlib.blake2b(digest_size=16)
     for path in paths:
         h.update(_relative(path, root).encode() + b"\0")
-        try:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(_HASH_CHUNK):
-                    h.update(chunk)
-        except OSError as exc:
-            raise SourceError(f"cannot read: {exc.strerror}", where=path,
-                              hint="check the file's permissions") from None
+        with storage.open_read(path) as fh, storage.guard("read", path):
+            while chunk := fh.read(_HASH_CHUNK):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def _relative(path: Path, root: Path) -> str:
-    # String prefix instead of Path.relative_to: this runs for every raw file on every plan.
+def _relative(path: Location, root: Location) -> str:
+    # String prefix instead of relative_to: this runs for every raw file on every plan.
     text, base = str(path), str(root)
-    return text[len(base) + 1:] if text.startswith(base + os.sep) else text
+    return text[len(base) + 1:] if text.startswith(base + "/") else text
 
 
 # --- metadata ---------------------------------------------------------------------------------
 
-def metadata_file(raw: Path, study: str, kind: str) -> Path | None:
+def metadata_file(raw: Location | Path, study: str, kind: str) -> Location | None:
     """`<raw>/<study>/<kind>/<study>.tsv[.gz]`, or None when the study has none."""
-    folder = raw / study / kind
+    folder = Location(raw) / study / kind
     for name in (f"{study}.tsv.gz", f"{study}.tsv"):
-        if (folder / name).is_file():
+        if storage.is_file(folder / name):
             return folder / name
     return None
 
 
-def read_tsv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+def read_tsv_rows(path: Location) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a (possibly gzipped) TSV, for digests; the converter re-reads it typed."""
+    data = storage.read_bytes(path)
     try:
-        with open(path, "rb") as raw_fh:
-            data = raw_fh.read()
         if path.suffix == ".gz":
             data = gzip.decompress(data)
         text = data.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
+    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:
         raise SourceError(f"cannot read metadata file: {exc}", where=path,
                           hint="it must be a tab-separated text file, gzipped when named .gz") from None
     rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
@@ -236,7 +236,7 @@ def read_tsv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
-def metadata_digests(raw: Path, study: str, samples: list[str]) -> dict[str, str]:
+def metadata_digests(raw: Location, study: str, samples: list[str]) -> dict[str, str]:
     """Per sample, a digest of the metadata rows that concern it (cell_ and sample_metadata).
 
     Rows are attributed by their sample_name column; a file without one concerns every sample.
@@ -263,7 +263,7 @@ def metadata_digests(raw: Path, study: str, samples: list[str]) -> dict[str, str
     return {s: h.hexdigest() for s, h in parts.items()}
 
 
-def metadata_stats(raw: Path, study: str) -> tuple[FileStat, ...]:
+def metadata_stats(raw: Location, study: str) -> tuple[FileStat, ...]:
     """Stats of a study's metadata files; unchanged stats let the planner reuse cached digests."""
     paths = [p for kind in ("cell_metadata", "sample_metadata") if (p := metadata_file(raw, study, kind))]
     return stat_files(paths, raw)

@@ -2,22 +2,21 @@
 
 JSON with a format version, a lineage (ties the file to one atlas) and a serial (bumped on
 every save). Saved atomically after every finished step; the previous version is kept as
-`<state>.backup`.
+`<state>.backup`. The file may be local or on S3 (storage: a whole-object PUT is atomic there).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from soma_manifest import storage
 from soma_manifest.errors import StateError
+from soma_manifest.storage import Location
 
 FORMAT_VERSION = 1
 IngestStatus = Literal["none", "allocated", "done"]
@@ -35,6 +34,7 @@ class FileStamp(_Model):
     path: str
     size: int
     mtime_ns: int
+    etag: str = ""  # objects on S3
 
 
 class GeneMapping(_Model):
@@ -175,18 +175,20 @@ class State(_Model):
         return sorted(ranges + list(self.orphans))
 
 
-def backup_path(path: Path) -> Path:
+def backup_path(path: Location) -> Location:
     return path.with_name(path.name + ".backup")
 
 
-def load_state(path: Path) -> State | None:
+def load_state(path: Location) -> State | None:
     """The state at `path`, None when there is none yet. Never repairs: refuses with a clear error."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    path = Location(path)
+    data = storage.read_bytes(path, missing_ok=True)
+    if data is None:
         return None
-    except OSError as exc:
-        raise StateError(f"cannot read the state file: {exc.strerror}", where=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
     restore = f"the previous version is at {backup_path(path)}: inspect it and copy it over the state file"
     try:
         raw = json.loads(text)
@@ -207,34 +209,7 @@ def load_state(path: Path) -> State | None:
         raise StateError(f"state file is invalid at {loc}: {first['msg']}", where=path, hint=restore) from None
 
 
-def save_state(state: State, path: Path) -> None:
+def save_state(state: State, path: Location) -> None:
     """Atomically replace the state file, keeping the previous one as a backup; bumps the serial."""
     state.serial += 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = state.model_dump_json(indent=1).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            # A hard link keeps `path` in place the whole time, so a crash never leaves no state.
-            link = f"{tmp}.prev"
-            os.link(path, link)
-            os.replace(link, backup_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, f"{tmp}.prev"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    storage.write_atomic(Location(path), state.model_dump_json(indent=1).encode(), backup=backup_path(Location(path)))

@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from soma_manifest import storage
 from soma_manifest.errors import LeaseLost, SomaManifestError
 from soma_manifest.faults import pause_point
 from soma_manifest.lock import Lease
@@ -58,6 +59,7 @@ def fence(lease: Lease) -> Callable[[], None]:
 
 def _run(key: str, step: str, lease: Lease, fn: Callable[[Callable[[], None]], Any]) -> Outcome:
     start = time.perf_counter()
+    storage.configure(lease.store)  # the apply's object-store settings (never credentials)
     check = fence(lease)
     try:
         pause_point(f"{step}_start")

@@ -62,6 +62,8 @@ def sweep_leftovers(manifest: LoadedManifest, lock: Path) -> list[Path]:
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
+    if getattr(folder, "is_remote", False):
+        return []  # an object store has no temp files of ours: its writes are whole-object PUTs
     try:
         with os.scandir(folder) as it:
             return list(it)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from soma_manifest import atlas
-from soma_manifest.errors import SourceError
+from soma_manifest import atlas, storage
+from soma_manifest.errors import SourceError, StorageError
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import SampleState, State
 
@@ -136,8 +136,9 @@ def _compare_with_h5ad(uri: str, schema: AtlasSchema, key: str, s) -> list[str]:
     if not s.h5ad:
         return [f"{key}: no h5ad recorded; cannot compare deeply"]
     try:
-        expected = ad.read_h5ad(s.h5ad)
-    except OSError as exc:
+        with storage.local_file(s.h5ad) as local:
+            expected = ad.read_h5ad(local)
+    except (OSError, StorageError) as exc:
         return [f"{key}: cannot read its h5ad {s.h5ad}: {exc}"]
     got = atlas.read_sample(uri, schema, *s.joinids)
     got.obs_names = got.obs["obs_id"].astype(str).to_numpy() if "obs_id" in got.obs else got.obs_names

@@ -18,7 +18,10 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
+from soma_manifest import storage
 from soma_manifest.state import State, load_state
+
+pytest_plugins = ("s3server",)  # the moto S3 server fixture
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -214,7 +217,7 @@ def assert_atlas_holds(uri: Path, samples: dict[str, SampleData], cell_types: di
     import tiledbsoma as soma
 
     cell_types = cell_types or {}
-    with soma.Experiment.open(str(uri)) as exp:
+    with soma.Experiment.open(str(uri), context=storage.tiledb_context()) as exp:
         obs = exp.obs.read(column_names=["soma_joinid", "obs_id"]).concat().to_pandas()
         assert obs["obs_id"].is_unique, "an obs id appears twice"
         assert len(obs) == sum(d.counts.shape[0] for d in samples.values()), "cells missing or extra"

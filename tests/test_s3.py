@@ -1,0 +1,337 @@
+"""Every path of a manifest may be s3://: the same round trips, changes, crash safety, lock and errors
+against a real S3 service (moto's server on loopback, tests/s3server.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from conftest import (
+    DEFAULT_SCHEMA,
+    Project,
+    assert_converged,
+    invoke_cli,
+    make_sample,
+    run_cli,
+    set_cell_type,
+    start_cli,
+)
+from roundtrip import assert_counts_equal, read_sample_as_user
+from s3server import CREDENTIALS, S3Server
+from soma_manifest.faults import ENV as CRASH_AT
+from soma_manifest.lock import Holder
+
+
+class S3Project(Project):
+    """A Project whose raw tree, h5ads, logs, atlas and state live in a bucket (or only some of them)."""
+
+    def __init__(self, root: Path, server: S3Server, *, local: tuple[str, ...] = ()) -> None:
+        super().__init__(root)
+        self.server = server
+        self.bucket = server.new_bucket()
+        self.local = local  # which of raw/h5ad/logs/atlas stay on local disk
+
+    def where(self, part: str) -> str:
+        return str(self.root / part) if part in self.local else f"s3://{self.bucket}/{part}"
+
+    @property
+    def atlas_uri(self) -> str:  # type: ignore[override]
+        return f"{self.where('atlases')}/atlas"
+
+    @property
+    def state_path(self) -> str:  # type: ignore[override]
+        return f"{self.where('atlases')}/atlas.state.json"
+
+    def write_manifest(self, studies: str | None = None, schema: Path = DEFAULT_SCHEMA, extra: str = "") -> Path:
+        names = sorted({k.split("/")[0] for k in self.samples})
+        studies = studies or "".join(f"  - name: {n}\n" for n in names)
+        self.manifest.write_text(
+            "version: 1\n"
+            f"atlas:\n  name: atlas\n  storage: {self.where('atlases')}\n"
+            f"schema: {schema}\n"
+            f"storage:\n  raw: {self.where('raw')}\n  h5ad: {self.where('h5ads')}\n  logs: {self.where('logs')}\n"
+            f"object_store:\n  endpoint_url: {self.server.endpoint}\n  region: us-east-1\n"
+            f"{extra}studies:\n{studies}")
+        return self.manifest
+
+    def upload(self) -> None:
+        """Mirror the local raw tree into the bucket (when raw is on S3)."""
+        if "raw" not in self.local:
+            self.server.upload_tree(self.raw, self.bucket, "raw")
+
+    def objects(self) -> dict[str, str]:
+        return self.server.keys(self.bucket)
+
+
+def _project(tmp_path: Path, server: S3Server, local: tuple[str, ...] = ()) -> S3Project:
+    p = S3Project(tmp_path, server, local=local)
+    p.add_mtx("study_a", "s1", make_sample(40, 30, seed=1))
+    p.add_mtx("study_a", "s2", make_sample(35, 30, seed=2, gene_offset=10))
+    p.add_mtx("study_b", "s1", make_sample(30, 25, seed=3, gene_offset=5))
+    p.write_manifest()
+    p.upload()
+    return p
+
+
+@pytest.fixture
+def s3_project(tmp_path: Path, s3_server: S3Server) -> S3Project:
+    return _project(tmp_path, s3_server)
+
+
+def _apply(project: Project, *extra: str) -> None:
+    result = invoke_cli("apply", project.manifest, *extra)
+    assert result.returncode == 0, result.stderr
+
+
+def test_lifecycle_on_s3(s3_project: S3Project) -> None:
+    """Add, no-op, incremental add, metadata update, replace, saved and stale plans, guarded removal."""
+    p = s3_project
+    _apply(p)
+    assert_converged(p)
+    state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"].read())
+    assert all(f["etag"] for s in state["samples"].values() for f in s["raw_files"]), "S3 stats carry ETags"
+
+    before = p.objects()
+    result = invoke_cli("apply", p.manifest)
+    assert result.returncode == 0 and "No changes" in result.stderr
+    assert p.objects() == before, "a no-op apply wrote an object"
+
+    p.add_mtx("study_b", "s2", make_sample(20, 25, seed=7, gene_offset=40))  # new genes too
+    set_cell_type(p, "study_a/s1", "neuron")
+    p.add_mtx("study_a", "s2", make_sample(35, 30, seed=22, gene_offset=10))
+    set_cell_type(p, "study_a/s1", "neuron")
+    p.upload()
+    plan = invoke_cli("plan", "--json", p.manifest, "--out", p.root / "plan.json")
+    assert plan.returncode == 0, plan.stderr
+    kinds = {a["key"]: a["kind"] for a in json.loads(plan.stdout)["actions"]}
+    assert kinds == {"study_b/s2": "add", "study_a/s1": "update", "study_a/s2": "replace"}
+    _apply_saved = invoke_cli("apply", p.root / "plan.json")
+    assert _apply_saved.returncode == 0, _apply_saved.stderr
+    assert_converged(p, cell_types={"study_a/s1": "neuron"})
+    stale = invoke_cli("apply", p.root / "plan.json")
+    assert stale.returncode == 1 and "stale" in stale.stderr
+
+    p.write_manifest("  - name: study_a\n")
+    refused = invoke_cli("apply", p.manifest)
+    assert refused.returncode == 1 and "--allow-delete" in refused.stderr
+    _apply(p, "--allow-delete")
+    del p.samples["study_b/s1"], p.samples["study_b/s2"]
+    assert_converged(p, cell_types={"study_a/s1": "neuron"})
+
+
+def test_real_data_round_trip_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
+    """MTX (Cell Ranger outs/ folder), 10x HDF5 and h5ad inputs read from S3 into an atlas on S3,
+    compared cell by cell with the raw files."""
+    import anndata
+    import h5py
+    import pandas as pd
+    import scipy.io
+
+    from conftest import DATA
+
+    p = S3Project(tmp_path, s3_server)
+    chr21 = DATA / "10x-v3-chr21"
+    folder = p.raw / "pbmc" / "mtx" / "chr21" / "outs" / "filtered_feature_bc_matrix"
+    folder.mkdir(parents=True)
+    for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
+        (folder / name).write_bytes((chr21 / "filtered_feature_bc_matrix" / name).read_bytes())
+    (p.raw / "chr21_h5" / "10x_h5").mkdir(parents=True)
+    (p.raw / "chr21_h5" / "10x_h5" / "again.h5").write_bytes((chr21 / "filtered_feature_bc_matrix.h5").read_bytes())
+    data = make_sample(30, 20, seed=4)
+    (p.raw / "lung" / "h5ad").mkdir(parents=True)
+    anndata.AnnData(X=data.counts.astype(np.float32), obs=pd.DataFrame(index=data.barcodes),
+                    var=pd.DataFrame(index=data.gene_ids)).write_h5ad(p.raw / "lung" / "h5ad" / "donor1.h5ad")
+    p.write_manifest("  - name: pbmc\n  - name: chr21_h5\n    format: 10x_h5\n  - name: lung\n    format: h5ad\n")
+    p.upload()
+    result = run_cli("apply", p.manifest, "--processes", "2")
+    assert result.returncode == 0, result.stderr
+    invoke_cli("validate", p.manifest)  # configures this process for the bucket, as any command does
+
+    matrix = sp.csr_matrix(scipy.io.mmread(str(folder / "matrix.mtx.gz")).T)
+    features = pd.read_csv(folder / "features.tsv.gz", sep="\t", header=None, dtype=str)
+    import gzip
+
+    barcodes = gzip.decompress((folder / "barcodes.tsv.gz").read_bytes()).decode().split()
+    got = read_sample_as_user(p.atlas_uri, "pbmc", "chr21")
+    assert_counts_equal(got, "pbmc", "chr21", matrix, barcodes, features[0])
+    with h5py.File(chr21 / "filtered_feature_bc_matrix.h5") as f:
+        m = f["matrix"]
+        h5 = sp.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=m["shape"][:]).T.tocsr()
+        h5_barcodes = [b.decode() for b in m["barcodes"][:]]
+        h5_ids = [g.decode() for g in m["features"]["id"][:]]
+    assert_counts_equal(read_sample_as_user(p.atlas_uri, "chr21_h5", "again"), "chr21_h5", "again", h5,
+                        h5_barcodes, h5_ids)
+    assert_counts_equal(read_sample_as_user(p.atlas_uri, "lung", "donor1"), "lung", "donor1", data.counts,
+                        data.barcodes, data.gene_ids)
+    verify = run_cli("verify", p.manifest, "--deep")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.parametrize("local", [("atlases",), ("raw", "h5ads", "logs")], ids=["raw-on-s3", "atlas-on-s3"])
+def test_mixed_local_and_s3(tmp_path: Path, s3_server: S3Server, local: tuple[str, ...]) -> None:
+    p = _project(tmp_path, s3_server, local)
+    _apply(p)
+    assert_converged(p)
+    if "atlases" in local:
+        assert (tmp_path / "atlases" / "atlas.state.json").exists()
+    else:
+        assert "atlases/atlas.state.json" in p.objects()
+
+
+@pytest.mark.parametrize("point", ["after_create", "mid_ingest"])
+def test_kill_on_s3_converges(s3_project: S3Project, point: str) -> None:
+    run = start_cli("apply", s3_project.manifest, env={CRASH_AT: point})
+    try:
+        assert run.wait().returncode == -signal.SIGKILL
+    finally:
+        run.kill_session()
+    _apply(s3_project)  # the dead holder was on this host: its lease is taken over at once
+    assert_converged(s3_project)
+
+
+def _lock_object(p: S3Project, *, expires: float, host: str = "build-7.example") -> Holder:
+    holder = Holder(4242, host, "2026-01-02T03:04:05+00:00", "soma-manifest apply elsewhere.yaml", 1.0,
+                    "e" * 32, expires)
+    p.server.client().put_object(Bucket=p.bucket, Key="atlases/atlas.state.json.lock",
+                                 Body=json.dumps(asdict(holder)).encode())
+    return holder
+
+
+def test_lease_refused_taken_over_after_expiry_and_unlocked(s3_project: S3Project) -> None:
+    p = s3_project
+    live = _lock_object(p, expires=time.time() + 600)
+    refused = invoke_cli("apply", p.manifest)
+    assert refused.returncode == 1
+    assert "locked by pid 4242 on build-7.example" in refused.stderr and "unlock" in refused.stderr
+    assert "atlases/atlas.state.json" not in p.objects(), "a refused apply wrote something"
+
+    unlocked = invoke_cli("unlock", p.manifest)
+    assert unlocked.returncode == 0 and live.host in unlocked.stderr
+    assert "atlases/atlas.state.json.lock" not in p.objects()
+
+    _lock_object(p, expires=time.time() - 1)  # a holder on another host that stopped renewing
+    _apply(p)
+    assert "atlases/atlas.state.json.lock" not in p.objects()
+    assert_converged(p)
+
+
+def test_second_apply_on_s3_names_the_running_one(s3_project: S3Project) -> None:
+    first = start_cli("apply", s3_project.manifest)
+    try:
+        deadline = time.monotonic() + 120
+        while "atlases/atlas.state.json.lock" not in s3_project.objects() and first.proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        second = invoke_cli("apply", s3_project.manifest)
+        if first.proc.poll() is None:
+            assert second.returncode == 1, second.stderr
+            assert f"pid {first.proc.pid} on {socket.gethostname()}" in second.stderr
+            assert "lease until" in second.stderr
+        assert first.wait(300).returncode == 0
+    finally:
+        first.kill_session()
+
+
+def _assert_one_clean_error(result, *needles: str) -> None:
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text
+    assert "Traceback" not in text
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+    for secret in (CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "hunter2-secret-value"):
+        assert secret not in text
+
+
+def test_bad_s3_inputs_fail_clearly_and_write_nothing(s3_project: S3Project, s3_server: S3Server) -> None:
+    p = s3_project
+    text = p.manifest.read_text()
+
+    p.manifest.write_text(text.replace(f"s3://{p.bucket}/atlases", "s3://no-such-bucket-x/atlases"))
+    _assert_one_clean_error(run_cli("apply", p.manifest), "s3://no-such-bucket-x",
+                            "bucket no-such-bucket-x does not exist")
+
+    p.manifest.write_text(text.replace(f"s3://{p.bucket}/raw", f"s3://{p.bucket}/nothing-here"))
+    _assert_one_clean_error(invoke_cli("plan", p.manifest), f"s3://{p.bucket}/nothing-here/study_a", "not found")
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    p.manifest.write_text(text.replace(s3_server.endpoint, f"http://127.0.0.1:{dead}"))
+    started = time.monotonic()
+    _assert_one_clean_error(run_cli("plan", p.manifest), f"cannot reach the S3 endpoint http://127.0.0.1:{dead}")
+    assert time.monotonic() - started < 60  # generous: the machine is shared; the bound is ~30 s
+
+    p.manifest.write_text(text.replace("  region: us-east-1\n",
+                                       "  region: us-east-1\n  aws_secret_access_key: hunter2-secret-value\n"))
+    _assert_one_clean_error(invoke_cli("plan", p.manifest), f"{p.manifest}:", "looks like a credential")
+
+    p.manifest.write_text(text)
+    s3_server.enforce_auth(True)
+    try:
+        _assert_one_clean_error(invoke_cli("plan", p.manifest), "access denied", f"s3://{p.bucket}")
+    finally:
+        s3_server.enforce_auth(False)
+    assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A tiny tmpfs, filled up: every write to it fails with ENOSPC."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+    try:
+        (mount / "atlases").mkdir()
+        try:
+            with open(mount / "filler", "wb", buffering=0) as fh:
+                while True:
+                    fh.write(b"x" * 4096)
+        except OSError:
+            pass
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None:
+    """The state, the lock and the logs on a full filesystem: one error naming the path and the cause."""
+    text = project.manifest.read_text().replace("storage: atlases", f"storage: {full_disk / 'atlases'}")
+    project.manifest.write_text(text)
+    result = invoke_cli("apply", project.manifest)
+    _assert_one_clean_error(result, str(full_disk / "atlases" / "atlas.state.json.lock"), "disk full")
+
+
+def test_running_apply_renews_its_lease(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder pushes its expiry forward while it runs; its epoch stays current until it lets go."""
+    from soma_manifest import lock, storage
+    from soma_manifest.errors import LockError
+
+    storage.configure(storage.StoreSettings(s3_server.endpoint, "us-east-1"))
+    monkeypatch.setattr(lock, "LEASE_SECONDS", 0.6)
+    path = storage.Location(f"s3://{s3_server.new_bucket()}/atlas.state.json.lock")
+    with lock.AtlasLock(path) as held:
+        first = lock.read_holder(path)
+        deadline = time.monotonic() + 30
+        while lock.read_holder(path).expires == first.expires:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.05)
+        assert lock.read_holder(path).epoch == held.epoch and held.lease.is_current()
+        monkeypatch.setattr(lock, "_is_alive", lambda holder: holder.expires > time.time())  # as from another host
+        with pytest.raises(LockError, match="locked by"):
+            with lock.AtlasLock(path):
+                pass
+    assert lock.read_holder(path) is None and not held.lease.is_current()
