@@ -21,12 +21,12 @@ import scipy.sparse as sp
 from soma_manifest import storage
 from soma_manifest.state import State, load_state
 
-pytest_plugins = ("s3server",)  # the moto S3 server fixture
+# the moto S3 server fixture; the `dask_cluster` fixture: a real scheduler and two workers on 127.0.0.1
+pytest_plugins = ("s3server", "daskcluster")
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 DEFAULT_SCHEMA = REPO / "schemas" / "default.yaml"
-pytest_plugins = ["daskcluster"]  # the `dask_cluster` fixture: a real scheduler and two workers on 127.0.0.1
 CELL_TYPES = ("T cell", "B cell", "monocyte")
 
 
