@@ -153,10 +153,10 @@ def test_reads_as_of_an_earlier_apply_through_the_api(applied: Project) -> None:
     first = atlas.history()[-1]["serial"]
     old = {key: data for key, data in applied.samples.items()}
     applied.add_mtx("study_a", "s1", make_sample(25, 12, seed=31, gene_offset=40))  # replace
-    shutil.rmtree(applied.raw / "study_b" / "mtx" / "s1")  # remove
-    del applied.samples["study_b/s1"]
+    shutil.rmtree(applied.raw / "study_a" / "mtx" / "s2")  # remove
+    del applied.samples["study_a/s2"]
     assert atlas.apply(processes=2, allow_delete=True).ok
-    for key in ("study_a/s1", "study_b/s1"):
+    for key in ("study_a/s1", "study_a/s2"):
         then = atlas.to_anndata(samples=[key], serial=first)
         data = old[key]
         then = then[[f"{key}/{b}" for b in data.barcodes]]
@@ -168,7 +168,7 @@ def test_reads_as_of_an_earlier_apply_through_the_api(applied: Project) -> None:
     with atlas.open(serial=first) as exp:
         assert exp.obs.count == sum(d.counts.shape[0] for d in old.values())
     with pytest.raises(sm.AtlasError):
-        atlas.to_anndata(samples=["study_b/s1"])  # removed now
+        atlas.to_anndata(samples=["study_a/s2"])  # removed now
     with pytest.raises(sm.StateError):
         atlas.open(serial=10_000)
 
