@@ -133,7 +133,10 @@ class LokyExecutor(_Queued):
     def _pool(self):
         from loky import get_reusable_executor
 
-        return get_reusable_executor(max_workers=self.processes, timeout=30, initializer=_quiet_worker)
+        # Workers read object-store credentials from their environment (never from task arguments). Passing the
+        # AWS_* variables makes loky start fresh workers when they changed since its pool was started.
+        aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        return get_reusable_executor(max_workers=self.processes, timeout=30, initializer=_quiet_worker, env=aws)
 
     def _slots(self) -> int:
         return self.processes
