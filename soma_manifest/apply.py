@@ -290,6 +290,10 @@ class _Pipeline:
     allocate ranges + extend var + resize (one state save), then the pending deletes (a save each), then
     the ingests are submitted. So a range is in the state before any step can write into it, and a
     sample's old range is deleted before its new version is ingested.
+
+    That serial work runs only while no ingest or obs update is in flight; conversions go on meanwhile.
+    A resize writes a new array schema file, and a worker that opens the array while TileDB writes that
+    file reads it empty ("Read exceeds file size ... file_size 0") and fails its sample.
     """
 
     def __init__(self, run: Run, plan: Plan) -> None:
@@ -300,6 +304,7 @@ class _Pipeline:
         self.later = sum(1 for a in plan.actions if a.ingests or "write_obs" in a.steps)
         self.ingests_started: float | None = None
         self.ingests_finished = 0
+        self.writing = 0  # ingest and write_obs steps submitted and not yet finished
         self.converts_started = time.perf_counter()
 
     def drive(self) -> None:
@@ -310,7 +315,7 @@ class _Pipeline:
             if run.interrupt.signum is not None:
                 self._stop()
                 return
-            if self.ready:
+            if self.ready and not self.writing:
                 self._start_ingests()
             if not run.steps.busy:
                 break
@@ -387,11 +392,13 @@ class _Pipeline:
             entry = run.state.samples[action.key]
             run.steps.submit(action.key, "ingest", ingest_step, run.lease, action.key, run.uri, run.schema,
                              entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
+            self.writing += 1
         for action in batch:
             if "write_obs" in action.steps:
                 entry = run.state.samples[action.key]
                 run.steps.submit(action.key, "write_obs", write_obs_step, run.lease, action.key, run.uri,
                                  run.schema, entry.h5ad, entry.joinids[0], urgent=True)
+                self.writing += 1
 
     def _goes_to_ingest(self, key: str) -> bool:
         action = self.by_key[key]
@@ -454,6 +461,7 @@ class _Pipeline:
             run.report.succeeded.append(outcome.key)
             log.info("%s: %s done (%.1fs)", outcome.key, outcome.step, outcome.seconds)
         run.save()
+        self.writing -= 1
         self.ingests_finished += 1
         if self.ingests_finished == 1:
             crash_point("mid_ingest")
