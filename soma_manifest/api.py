@@ -116,10 +116,8 @@ class Atlas:
         the report says `interrupted` and the state is ready for the next apply to resume.
         Failures of single samples are in `report.failed`; `report.ok` is False when any sample failed.
         """
-        from soma_manifest import apply as run
-        from soma_manifest import compact
+        from soma_manifest.executors import warm_up
         from soma_manifest.lock import AtlasLock, lock_path
-        from soma_manifest.presence import upgrade
         from soma_manifest.sweep import sweep_leftovers
 
         with AtlasLock(lock_path(self.manifest.state_path)) as lock:
@@ -127,6 +125,13 @@ class Atlas:
                 interrupt.lock = lock
             swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
             current, observations, state = self._plan()
+            config = self._executor_config(processes, executor, scheduler, current)
+            if current.has_changes:
+                warm_up(config)  # the workers import the storage engine while this process does (below)
+            from soma_manifest import apply as run
+            from soma_manifest import compact
+            from soma_manifest.presence import upgrade
+
             if plan is not None:
                 run.check_saved_plan(plan, current)
             state = run.open_state(self.manifest, state, self.schema)
@@ -140,20 +145,23 @@ class Atlas:
             if grace is not None:
                 options["grace"] = grace
             report = run.execute(self.manifest, self.schema, current, observations, state, lease=lock.lease,
-                                 executor=self._executor_config(processes, executor, scheduler),
+                                 executor=config,
                                  allow_delete=allow_delete, reporter=reporter, interrupt=interrupt, **options)
             report.swept = swept
             return report
 
-    def _executor_config(self, processes: int | None, kind: str | None, scheduler: str | None) -> ExecutorConfig:
-        """Where the steps run: arguments first, then the manifest's executor block and processes."""
+    def _executor_config(self, processes: int | None, kind: str | None, scheduler: str | None,
+                         plan: Plan) -> ExecutorConfig:
+        """Where the steps run: arguments first, then the manifest's executor block and processes; never more
+        local workers than samples with steps (a one-sample apply converts and ingests on one warm worker)."""
         from soma_manifest.executors import ExecutorConfig
 
         block = self.manifest.spec.executor
         chosen = kind or ("dask" if scheduler else block.kind)
         address = scheduler or (block.address if chosen == "dask" else None)
         workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
-        return ExecutorConfig(chosen, address, workers)
+        busy = sum(1 for a in plan.actions if a.converts or a.ingests or "write_obs" in a.steps)
+        return ExecutorConfig(chosen, address, max(1, min(workers, busy)))
 
     # --- checks and reads -------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from soma_manifest import atlas, compact, genes, storage
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
@@ -28,6 +28,9 @@ from soma_manifest.plan import Action, Observations, Plan
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import SampleState, State, now, save_state
 from soma_manifest.steps import Outcome, convert_step, ingest_step, peak_rss, write_obs_step
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("soma_manifest")
 DEFAULT_CHUNK_NNZ = 5_000_000
@@ -93,6 +96,7 @@ class Run:
     chunk_nnz: int = DEFAULT_CHUNK_NNZ
     grace: float = DEFAULT_GRACE_S
     report: ApplyReport = field(default_factory=ApplyReport)
+    read_back: dict[str, atlas.RangeStats] = field(default_factory=dict)  # ranges as the steps read them back
 
     @property
     def uri(self) -> str:
@@ -291,9 +295,11 @@ class _Pipeline:
     the ingests are submitted. So a range is in the state before any step can write into it, and a
     sample's old range is deleted before its new version is ingested.
 
-    That serial work runs only while no ingest or obs update is in flight; conversions go on meanwhile.
     A resize writes a new array schema file, and a worker that opens the array while TileDB writes that
-    file reads it empty ("Read exceeds file size ... file_size 0") and fails its sample.
+    file reads it empty ("Read exceeds file size ... file_size 0") and fails its sample. So a batch that
+    needs a domain to grow (or var to extend, or a delete) waits until no ingest or obs update is in
+    flight; conversions go on meanwhile. Growing the cells and samples domains ahead, for the samples
+    still to come, makes such batches rare: usually the first, and one for each sample with new genes.
     """
 
     def __init__(self, run: Run, plan: Plan) -> None:
@@ -306,6 +312,9 @@ class _Pipeline:
         self.ingests_finished = 0
         self.writing = 0  # ingest and write_obs steps submitted and not yet finished
         self.converts_started = time.perf_counter()
+        self.unallocated = sum(1 for a in plan.actions if a.ingests)  # ingests without a range yet
+        self.room: atlas.Room | None = None  # read when first needed, then kept up to date
+        self.genes: dict[str, pd.DataFrame] = {}  # each ready sample's var rows
 
     def drive(self) -> None:
         run = self.run
@@ -315,7 +324,7 @@ class _Pipeline:
             if run.interrupt.signum is not None:
                 self._stop()
                 return
-            if self.ready and not self.writing:
+            if self.ready and (not self.writing or self._fits()):
                 self._start_ingests()
             if not run.steps.busy:
                 break
@@ -356,6 +365,7 @@ class _Pipeline:
         self.converting -= 1
         if not outcome.ok:
             run.fail(outcome.key, "convert", outcome.error or "")
+            self.unallocated -= action.ingests
         else:
             result: ConvertResult = outcome.value
             entry.raw_files = list(action.raw_files)
@@ -364,6 +374,8 @@ class _Pipeline:
             entry.cells, entry.nnz, entry.converted_at = result.cells, result.nnz, now()
             if "convert_metadata" not in action.steps:  # a metadata update keeps the h5ad's genes
                 entry.gene_mapping = result.gene_mapping
+            if result.var is not None:
+                self.genes[outcome.key] = atlas.var_rows(result.var, run.schema)
             log.info("%s: converted (%d cells, %d nnz, %.1fs)%s%s", outcome.key, result.cells, result.nnz,
                      outcome.seconds, f"; left out {result.dropped_features} non-gene features"
                      if result.dropped_features else "",
@@ -404,14 +416,44 @@ class _Pipeline:
         action = self.by_key[key]
         return action.ingests or "write_obs" in action.steps
 
+    def _fits(self) -> bool:
+        """Whether the ready batch can be allocated without a schema change or a delete (see the class)."""
+        run = self.run
+        if run.state.orphans or run.state.orphan_samples:
+            return False
+        ingests = [run.state.samples[a.key] for a in self.ready if a.ingests]
+        if any((e.joinids is not None and e.ingest != "none") or e.sample_joinid is not None for e in ingests):
+            return False  # allocating retires an old range or sample row, to be deleted
+        room = self._room()
+        cells = sum(e.cells or 0 for e in ingests)
+        return (run.state.next_joinid + cells <= room.cells
+                and run.state.next_sample_joinid + len(ingests) <= room.samples
+                and all(room.genes.issuperset(self._var(a.key).index) for a in self.ready if a.ingests))
+
+    def _room(self) -> atlas.Room:
+        if self.room is None:
+            self.room = atlas.room(self.run.uri, self.run.schema)
+        return self.room
+
+    def _var(self, key: str) -> pd.DataFrame:
+        """The sample's var rows: from its conversion in this run, else from its h5ad."""
+        if key not in self.genes:
+            self.genes[key] = atlas.read_h5ad_var(self.run.state.samples[key].h5ad, self.run.schema)
+        return self.genes[key]
+
     def _allocate(self, ready: list[Action]) -> list[Action]:
-        """Give each sample a fresh joinid range (its old one becomes an orphan), extend var, resize; save."""
+        """Give each sample a fresh joinid range (its old one becomes an orphan), extend var, grow; save."""
         run = self.run
         if not ready:
             return []
         start = time.perf_counter()
-        genes = [atlas.read_h5ad_var(run.state.samples[a.key].h5ad, run.schema) for a in ready]
-        atlas.extend_var(run.uri, run.schema, _union(genes))
+        room = self._room()
+        genes = _union([self._var(a.key) for a in ready])
+        new = genes.loc[~genes.index.isin(list(room.genes))]
+        if len(new):
+            atlas.extend_var(run.uri, run.schema, new)
+            room.genes.update(new.index)
+        cells = []
         for action in ready:
             entry = run.state.samples[action.key]
             if entry.joinids is not None and entry.ingest != "none":
@@ -419,8 +461,15 @@ class _Pipeline:
             entry.joinids = run.state.allocate(entry.cells or 0)
             run.state.allocate_sample(entry)
             entry.ingest = "allocated"
-        atlas.resize_obs(run.uri, run.schema, run.state.next_joinid)
-        atlas.resize_samples(run.uri, run.schema, run.state.next_sample_joinid)
+            cells.append(entry.cells or 0)
+        self.unallocated -= len(ready)
+        if run.state.next_joinid > room.cells:
+            # Room for the samples still to come too, at 1.25x this batch's mean: one resize, not one a batch.
+            room.cells = run.state.next_joinid + int(1.25 * self.unallocated * sum(cells) / len(cells))
+            atlas.resize_obs(run.uri, run.schema, room.cells)
+        if run.state.next_sample_joinid > room.samples or len(new):  # the presence matrix spans var too
+            room.samples = max(room.samples, run.state.next_sample_joinid + self.unallocated)
+            atlas.resize_samples(run.uri, run.schema, room.samples)
         run.save()
         _add_seconds(run, "allocate", start)
         crash_point("after_allocate")
@@ -458,6 +507,7 @@ class _Pipeline:
                 entry.atlas_cells, entry.atlas_nnz = entry.cells, entry.nnz
             entry.atlas_meta_digest = entry.meta_digest
             entry.failed_step = entry.error = None
+            run.read_back[outcome.key] = outcome.value
             run.report.succeeded.append(outcome.key)
             log.info("%s: %s done (%.1fs)", outcome.key, outcome.step, outcome.seconds)
         run.save()
@@ -507,7 +557,7 @@ def _add_seconds(run: Run, name: str, start: float) -> None:
     run.report.seconds[name] = run.report.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _union(frames: list) -> object:
+def _union(frames: list[pd.DataFrame]) -> pd.DataFrame:
     import pandas as pd
 
     merged = pd.concat(frames)
@@ -515,19 +565,25 @@ def _union(frames: list) -> object:
 
 
 def _quick_verify(run: Run) -> None:
-    """Check what this run touched: cells, distinct obs ids and nnz per range, as the state says."""
+    """Check what this run touched: cells, distinct obs ids and nnz per range, as the state says.
+
+    The ranges were read back by the steps that wrote them (Run.read_back); one without is read here.
+    """
     touched = [k for k in run.report.succeeded
                if k in run.state.samples and run.state.samples[k].ingest == "done"]
-    entries = [run.state.samples[k] for k in touched]
-    if not entries:
-        return
-    stats = atlas.range_stats(run.uri, run.schema, [e.joinids for e in entries])
-    for key, entry, got in zip(touched, entries, stats):
-        if (got.cells, got.obs_ids, got.nnz) != (entry.atlas_cells, entry.atlas_cells, entry.atlas_nnz):
+    unread = [k for k in touched if k not in run.read_back]
+    for key, got in zip(unread, atlas.range_stats(run.uri, run.schema,
+                                                  [run.state.samples[k].joinids for k in unread])):
+        run.read_back[key] = got
+    for key in touched:
+        entry, got = run.state.samples[key], run.read_back[key]
+        start, stop = entry.joinids
+        if (got.start, got.stop, got.cells, got.obs_ids, got.nnz) != (
+                start, stop, entry.atlas_cells, entry.atlas_cells, entry.atlas_nnz):
             run.report.verify_problems.append(
                 f"{key}: atlas holds {got.cells} cells ({got.obs_ids} distinct ids), {got.nnz} nnz in "
-                f"[{entry.joinids[0]}, {entry.joinids[1]}); the state expects {entry.atlas_cells} cells, "
-                f"{entry.atlas_nnz} nnz")
+                f"[{got.start}, {got.stop}); the state expects {entry.atlas_cells} cells, "
+                f"{entry.atlas_nnz} nnz in [{start}, {stop})")
 
 
 class _RunLog:

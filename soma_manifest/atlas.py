@@ -14,6 +14,7 @@ starts after another one finished always gets a later timestamp.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 import tiledbsoma as soma
+import tiledbsoma.pytiledbsoma as clib
+from tiledbsoma._read_iters import ArrowTableRead
 
 from soma_manifest import storage
 from soma_manifest.errors import AtlasError, SourceError
@@ -221,8 +224,14 @@ def read_h5ad_var(path: str, schema: AtlasSchema) -> pd.DataFrame:
             var = anndata.io.read_elem(f["var"])
     except (OSError, KeyError) as exc:
         raise SourceError(f"unreadable intermediate h5ad: {exc}", where=path, hint="re-run the convert step") from None
+    return var_rows(var, schema)
+
+
+def var_rows(var: pd.DataFrame, schema: AtlasSchema) -> pd.DataFrame:
+    """A sample's var as the atlas' var rows: index var_id, the schema's var columns."""
+    var = var[[c.name for c in schema.var]].astype(object)
     var.index.name = "var_id"
-    return var[[c.name for c in schema.var]].astype(object)
+    return var
 
 
 def open_experiment(uri: str, timestamp: int | None = None) -> soma.Experiment:
@@ -234,11 +243,17 @@ def open_experiment(uri: str, timestamp: int | None = None) -> soma.Experiment:
 
 
 def _members(uri: str, schema: AtlasSchema) -> _Members:
+    return _members_of(uri, schema.measurement, tuple(layer.name for layer in schema.layers))
+
+
+@functools.lru_cache(maxsize=64)
+def _members_of(uri: str, measurement: str, layers: tuple[str, ...]) -> _Members:
+    # Cached: opening the experiment took 10-40 ms, several times per ingest. Member URIs never change
+    # for an atlas URI (an atlas rebuilt there names its members the same way); a failure is not cached.
     with open_experiment(uri) as exp:
         try:
-            ms = exp.ms[schema.measurement]
-            return _Members(obs=exp.obs.uri, var=ms.var.uri,
-                            layers={layer.name: ms.X[layer.name].uri for layer in schema.layers})
+            ms = exp.ms[measurement]
+            return _Members(obs=exp.obs.uri, var=ms.var.uri, layers={name: ms.X[name].uri for name in layers})
         except KeyError as exc:
             raise AtlasError(f"the atlas has no {exc}", where=uri,
                              hint="it was created with another schema structure") from None
@@ -269,6 +284,31 @@ def settled_timestamp() -> int:
 
 
 # ---------------------------------------------------------------- var and domains
+
+
+@dataclass
+class Room:
+    """What the atlas' domains hold now. apply allocates within it while ingests run: growing a domain
+    writes a new array schema, which a worker opening that array at the same moment may read empty."""
+
+    cells: int  # obs and every X layer's dim 0
+    samples: int  # the samples table and the presence matrix's dim 0
+    genes: set[str]  # var ids in var
+
+
+def room(uri: str, schema: AtlasSchema) -> Room:
+    members = _members(uri, schema)
+    samples_uri, presence_uri = _sample_members(uri, schema)
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs, \
+            soma.DataFrame.open(members.var, context=_ctx()) as var, \
+            soma.DataFrame.open(samples_uri, context=_ctx()) as table, \
+            soma.SparseNDArray.open(presence_uri, context=_ctx()) as presence:
+        cells = [_df_size(obs)]
+        for layer_uri in members.layers.values():
+            with soma.SparseNDArray.open(layer_uri, context=_ctx()) as x:
+                cells.append(x.shape[0])
+        return Room(cells=min(cells), samples=min(_df_size(table), presence.shape[0]),
+                    genes=set(_var_ids(var).index))
 
 
 def read_var_ids(uri: str, schema: AtlasSchema) -> pd.Series:
@@ -377,7 +417,7 @@ def _no_fence() -> None: ...
 
 
 def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000,
-                fence: Callable[[], None] = _no_fence) -> IngestStats:
+                fence: Callable[[], None] = _no_fence, var_ids: pd.Series | None = None) -> IngestStats:
     """Write the h5ad's cells at soma_joinids [start, start+n): obs, then every X layer.
 
     Cell-optimized layers are written from row chunks, gene-optimized ones from column chunks
@@ -393,13 +433,14 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     """
     sample = _read_sample_frames(h5ad, schema)
     members = _members(uri, schema)
-    columns = _column_map(uri, members, sample)
+    columns = _column_map(uri, read_var_ids(uri, schema) if var_ids is None else var_ids, sample)
     n_var = int(columns.max()) + 1 if len(columns) else 0
     n_obs = len(sample.obs)
     stop = start + n_obs
     _check_room(uri, members, stop, n_var)
     by_cells = [layer for layer in schema.layers if layer.optimize == "cells"]
     by_genes = [layer for layer in schema.layers if layer.optimize == "genes"]
+    derived = any(layer.source != "counts" for layer in schema.layers)  # needs each cell's total counts
     with _mutation() as stamp, ExitStack() as stack, _h5(h5ad) as f:
         fence()  # after the stamp is fixed: a takeover after this check deletes at a later time
         arrays = {layer.name: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
@@ -414,11 +455,10 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
             fence()
             chunk = whole[lo:hi] if whole is not None else _read_chunk(f["X"], sample.indptr, lo, hi, columns, n_var)
             rows = _major_index(chunk.indptr)
-            totals = _row_totals(rows, chunk.data, hi - lo)
-            _write_chunk(arrays, by_cells, rows + (start + lo), chunk.indices.astype(np.int64),
-                         chunk.data, totals[rows])
+            totals = _row_totals(rows, chunk.data, hi - lo)[rows] if derived else None
+            _write_chunk(arrays, by_cells, rows + (start + lo), chunk.indices.astype(np.int64), chunk.data, totals)
         if whole is not None:
-            totals = _row_totals(_major_index(whole.indptr), whole.data, n_obs)
+            totals = _row_totals(_major_index(whole.indptr), whole.data, n_obs) if derived else None
             by_column = whole.tocsc()  # rows ascending within each column: (gene, cell) order
             del whole
             for lo, hi in _row_chunks(by_column.indptr, chunk_nnz):
@@ -427,7 +467,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
                 rows = by_column.indices[a:b]
                 genes = _major_index(by_column.indptr[lo:hi + 1] - a) + lo
                 _write_chunk(arrays, by_genes, rows.astype(np.int64) + start, genes, by_column.data[a:b],
-                             totals[rows])
+                             totals[rows] if derived else None)
     return IngestStats(cells=n_obs, nnz=int(sample.indptr[-1]))
 
 
@@ -443,7 +483,7 @@ def _row_totals(rows: np.ndarray, counts: np.ndarray, n_rows: int) -> np.ndarray
 
 
 def _write_chunk(arrays: dict[str, soma.SparseNDArray], layers: list[Layer], dim0: np.ndarray, dim1: np.ndarray,
-                 counts: np.ndarray, row_totals: np.ndarray) -> None:
+                 counts: np.ndarray, row_totals: np.ndarray | None) -> None:
     """Write one chunk (already in these layers' global order) to each layer; counts per 10k
     are computed once for all derived layers of the chunk."""
     coords = {"soma_dim_0": dim0, "soma_dim_1": dim1}
@@ -459,10 +499,9 @@ def _write_chunk(arrays: dict[str, soma.SparseNDArray], layers: list[Layer], dim
                                  platform_config=_GLOBAL_ORDER)
 
 
-def _column_map(uri: str, members: _Members, sample: _Sample) -> np.ndarray:
+def _column_map(uri: str, var_ids: pd.Series, sample: _Sample) -> np.ndarray:
     """The atlas var joinid of each of the sample's genes, in the sample's order."""
-    with soma.DataFrame.open(members.var, context=_ctx()) as var:
-        joinids = _var_ids(var).reindex(sample.var.index.astype(str))
+    joinids = var_ids.reindex(sample.var.index.astype(str))
     missing = joinids.index[joinids.isna()]
     if len(missing):
         raise AtlasError(f"{len(missing)} genes of {sample.path} are not in the atlas' var (e.g. {missing[0]})",
@@ -604,15 +643,19 @@ def _read_slices(df: soma.DataFrame, ranges: list[tuple[int, int]], columns: lis
 
 
 #: Rows per read when counting X entries. TileDB sizes its read buffers by the query: two
-#: 5,000-cell samples (14.5M entries) read at once raised the reader's peak RSS by 525 MB,
-#: 1,000-row reads by 72 MB, 500-row reads by 43 MB for 13% more CPU.
-_COUNT_ROWS = 500
+#: 5,000-cell samples (14.5M entries) read at once raised the reader's peak RSS by 525 MB; reading
+#: soma_dim_0 alone, 1,000-row reads add ~50 MB and count 30.8M entries in 0.82 s (all three
+#: columns in 500-row reads: 1.30 s).
+_COUNT_ROWS = 1000
 
 
 def _count_entries(x: soma.SparseNDArray, ranges: list[tuple[int, int]]) -> int:
+    # SparseNDArray.read has no column selection; its reader class (private) has, and soma_dim_0 alone
+    # is 40% of the bytes to decode.
     return sum(len(t) for s in _clip(ranges, x.shape[0])
                for lo in range(s.start, s.stop + 1, _COUNT_ROWS)
-               for t in x.read((slice(lo, min(lo + _COUNT_ROWS - 1, s.stop)),)).tables())
+               for t in ArrowTableRead(x, (slice(lo, min(lo + _COUNT_ROWS - 1, s.stop)),), ["soma_dim_0"],
+                                       clib.ResultOrder.unordered, None, None))
 
 
 # ---------------------------------------------------------------- read
@@ -686,23 +729,33 @@ def measured_genes(h5ad: str) -> pd.Index:
         raise SourceError(f"unreadable intermediate h5ad: {exc}", where=h5ad, hint="re-run the convert step") from None
 
 
-def _presence_columns(var: soma.DataFrame, genes: pd.Index, where: str) -> np.ndarray:
-    joinids = _var_ids(var).reindex(genes.astype(str))
+def _presence_columns(var_ids: pd.Series, genes: pd.Index, where: str) -> np.ndarray:
+    joinids = var_ids.reindex(genes.astype(str))
     if joinids.isna().any():
         raise AtlasError(f"genes of {where} are not in the atlas' var (e.g. {joinids.index[joinids.isna()][0]})",
                          where=where, hint="extend_var must run before ingest")
     return np.sort(joinids.to_numpy(dtype=np.int64))
 
 
-def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5ad: str, start: int) -> int:
+def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h5ad: str, start: int, *,
+                  chunk_nnz: int, fence: Callable[[], None]) -> RangeStats:
+    """apply's ingest of one sample: its samples-table and presence rows first (so a range whose cells
+    were written always has them, to be deleted with it), then its cells; returns its range read back."""
+    var_ids = read_var_ids(uri, schema)
+    write_sample(uri, schema, sample_joinid, key, h5ad, start, var_ids=var_ids)
+    cells = ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids).cells
+    return range_stats(uri, schema, [(start, start + cells)])[0]
+
+
+def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5ad: str, start: int, *,
+                 var_ids: pd.Series | None = None) -> int:
     """Write the sample's row of the samples table and its presence row (true for every measured gene).
     Runs before its cells are written. Returns the number of measured genes."""
     samples_uri, presence_uri = _sample_members(uri, schema)
     genes = measured_genes(h5ad)
     with _h5(h5ad) as f:
         cells = int(f["X"].attrs["shape"][0])
-    with soma.DataFrame.open(_members(uri, schema).var, context=_ctx()) as var:
-        columns = _presence_columns(var, genes, h5ad)
+    columns = _presence_columns(read_var_ids(uri, schema) if var_ids is None else var_ids, genes, h5ad)
     study, sample = key.split("/", 1)
     row = pa.table({"soma_joinid": [sample_joinid], "sample_id": [key], "study": [study], "sample": [sample],
                     "cells": [cells], "obs_joinid_start": [start], "obs_joinid_stop": [start + cells],

@@ -57,6 +57,7 @@ class ConvertResult:
     genes: int
     dropped_features: int  # features of other types (e.g. Antibody Capture) left out of the measurement
     gene_mapping: GeneMapping | None = None  # with a gene reference: how the features were mapped
+    var: pd.DataFrame | None = None  # the h5ad's var (index var_id): the coordinator extends the atlas' var from it
 
 
 def h5ad_path_for(h5ad_root: Location, study: str, sample: str) -> Location:
@@ -72,7 +73,8 @@ def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
         # Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
         # write's time), and the atlas stores plain strings anyway.
         adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
-    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping)
+    return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping,
+                         adata.var)
 
 
 @contextmanager
@@ -127,7 +129,7 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
     if not keep.any():
         raise SourceError(f"no features of type {', '.join(schema.genes.feature_types)}", where=job.path,
                           hint="check the features file, or genes.feature_types in the schema")
-    counts = raw.counts[:, np.flatnonzero(keep)].tocsr()
+    counts = raw.counts.tocsr() if keep.all() else raw.counts[:, np.flatnonzero(keep)].tocsr()
     symbols = raw.feature_names[keep].astype(str)
     given_ids = raw.feature_ids[keep].astype(str)
     ids = _gene_ids(given_ids, symbols)
@@ -203,7 +205,7 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
         mask = np.zeros(len(symbols), dtype=bool)
         for p in prefixes:
             mask |= np.char.startswith(symbols.astype(str), p) | np.char.startswith(upper, p.upper())
-        part = np.asarray(counts[:, np.flatnonzero(mask)].sum(axis=1)).ravel()
+        part = counts @ mask.astype(np.int64)  # a product, not a column selection: ~5x faster
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(umi > 0, 100.0 * part / np.maximum(umi, 1), 0.0)
 
