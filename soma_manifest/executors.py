@@ -179,8 +179,11 @@ def _loky_pool(processes: int):
 
 
 def _warm_imports() -> None:
-    import soma_manifest.atlas  # noqa: F401 - tiledbsoma and anndata: ~1.2 s, else paid by a worker's first step
-    import soma_manifest.convert  # noqa: F401
+    import importlib
+
+    # tiledbsoma and anndata: ~1.2 s, else paid by the worker's first step
+    for module in ("soma_manifest.atlas", "soma_manifest.convert"):
+        importlib.import_module(module)
 
 
 def warm_up(spec: ExecutorConfig) -> None:
