@@ -64,8 +64,9 @@ def build(out: Path, samples: int) -> Path:
             atlas_conversion=schema.conversion, atlas_meta_digest=o.meta_digest, atlas_cells=2, atlas_nnz=2)
         assert start + 2 == state.next_joinid
     save_state(state, loaded.state_path)
-    # The planner also checks the atlas exists; an empty TileDB group marker is enough for the plan path.
-    (loaded.atlas_uri / "__group").mkdir(parents=True)
+    # The planner also checks the atlas exists (plan.atlas_present): an empty group with its metadata folder.
+    for marker in ("__group", "__meta"):
+        Path(loaded.atlas_uri.uri, marker).mkdir(parents=True)
     return manifest
 
 

@@ -448,11 +448,13 @@ class _Pipeline:
             return []
         start = time.perf_counter()
         room = self._room()
-        genes = _union([self._var(a.key) for a in ready])
-        new = genes.loc[~genes.index.isin(list(room.genes))]
-        if len(new):
-            atlas.extend_var(run.uri, run.schema, new)
-            room.genes.update(new.index)
+        frames = [self._var(a.key) for a in ready]
+        # Set arithmetic, not Index.isin against the ~20k known ids: 80 ms a batch, most of the allocation.
+        new_ids = set().union(*(frame.index for frame in frames)) - room.genes
+        if new_ids:
+            genes = _union(frames)
+            atlas.extend_var(run.uri, run.schema, genes.loc[genes.index.isin(list(new_ids))])
+            room.genes.update(new_ids)
         cells = []
         for action in ready:
             entry = run.state.samples[action.key]
@@ -467,7 +469,7 @@ class _Pipeline:
             # Room for the samples still to come too, at 1.25x this batch's mean: one resize, not one a batch.
             room.cells = run.state.next_joinid + int(1.25 * self.unallocated * sum(cells) / len(cells))
             atlas.resize_obs(run.uri, run.schema, room.cells)
-        if run.state.next_sample_joinid > room.samples or len(new):  # the presence matrix spans var too
+        if run.state.next_sample_joinid > room.samples or new_ids:  # the presence matrix spans var too
             room.samples = max(room.samples, run.state.next_sample_joinid + self.unallocated)
             atlas.resize_samples(run.uri, run.schema, room.samples)
         run.save()

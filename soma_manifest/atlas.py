@@ -114,10 +114,16 @@ def _ctx() -> soma.SOMATileDBContext | None:
     return storage.tiledb_context()
 
 
-def _h5(path: str) -> h5py.File:
-    """An intermediate h5ad for reading, local or s3:// (read in place, in large blocks)."""
-    loc = storage.Location(path)
-    return h5py.File(storage.open_read(loc) if loc.is_remote else path, "r")
+@contextmanager
+def _h5(path: str) -> Iterator[h5py.File]:
+    """An intermediate h5ad for reading; one on S3 is read from a local copy.
+
+    Not through an s3fs file object: h5py reading through one deadlocked (the garbage collector, run in
+    fsspec's IO thread, freed an h5py object and waited for h5py's lock, held by the read that waited
+    for that thread).
+    """
+    with storage.local_file(path) as local, h5py.File(local, "r") as f:
+        yield f
 
 
 def atlas_exists(uri: str) -> bool:
@@ -742,8 +748,14 @@ def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h
     """apply's ingest of one sample: its samples-table and presence rows first (so a range whose cells
     were written always has them, to be deleted with it), then its cells; returns its range read back."""
     var_ids = read_var_ids(uri, schema)
-    write_sample(uri, schema, sample_joinid, key, h5ad, start, var_ids=var_ids)
-    cells = ingest_h5ad(uri, schema, h5ad, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids).cells
+    with storage.local_file(h5ad) as local:  # one copy of an h5ad on S3 for its three reads
+        try:
+            write_sample(uri, schema, sample_joinid, key, local, start, var_ids=var_ids)
+            cells = ingest_h5ad(uri, schema, local, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids).cells
+        except SourceError as exc:
+            if local == h5ad:
+                raise
+            raise SourceError(exc.message.replace(local, h5ad), where=h5ad, hint=exc.hint) from None
     return range_stats(uri, schema, [(start, start + cells)])[0]
 
 
