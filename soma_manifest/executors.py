@@ -186,11 +186,7 @@ class DaskExecutor(_Queued):
         if address is None:
             self.cluster = _local_cluster(processes)
             self.client = Client(self.cluster)
-            # In each worker's event-loop thread and in its one task thread (which starts TileDB's threads).
             self.client.wait_for_workers(processes)
-            self.client.run(_quiet_worker)
-            self.client.gather([self.client.submit(_quiet_worker, workers=[w], pure=False)
-                                for w in self.client.nthreads()])
         else:
             try:
                 self.client = Client(address, timeout=CONNECT_TIMEOUT_S)
@@ -239,6 +235,16 @@ class DaskExecutor(_Queued):
             self.cluster.close()
 
 
+def dask_setup(worker: object) -> None:
+    """Run by each LocalCluster worker process as it starts (its `preload`): leave apply's process group.
+
+    A Ctrl-C reaches the terminal's foreground process group, and only apply decides what stops. In the group,
+    a worker process died of it (asyncio's SIGINT handler in the worker's main thread), taking its running
+    step with it; blocking SIGINT (as loky's workers do, `_quiet_worker`) cannot cover the threads Dask started
+    before. The worker stays in apply's session, and exits when apply does (Dask watches its parent)."""
+    os.setpgid(0, 0)
+
+
 def _local_cluster(processes: int):
     """One single-threaded worker process per slot, spawned (no fork after tiledbsoma started its threads)."""
     import dask
@@ -257,7 +263,7 @@ def _local_cluster(processes: int):
     # chunk nonzero (0.7 GB at the default 5M), far less than any share on a machine that holds an atlas.
     memory = psutil.virtual_memory().total // processes
     return LocalCluster(n_workers=processes, threads_per_worker=1, processes=True, memory_limit=memory,
-                        dashboard_address=":0", silence_logs=50)
+                        dashboard_address=":0", silence_logs=50, preload=[__name__])
 
 
 def start_executor(spec: ExecutorConfig) -> StepExecutor:
