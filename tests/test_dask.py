@@ -266,11 +266,18 @@ def _cpu_still(proc) -> bool:
     return sum(proc.cpu_times()[:2]) == before
 
 
-def test_an_unreachable_scheduler_is_one_clear_error_and_writes_nothing(project: Project) -> None:
+@pytest.mark.parametrize("case", ["unreachable scheduler", "workers too small"])
+def test_a_cluster_that_cannot_run_is_one_clear_error_and_writes_nothing(project: Project, case: str) -> None:
+    """A scheduler nobody listens at; a LocalCluster whose workers' equal shares of the memory could not hold
+    one step (10,000 processes)."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    result = invoke_cli("apply", project.manifest, "--scheduler", address)
+    if case == "unreachable scheduler":
+        args, expected = ("--scheduler", address), f"cannot reach the Dask scheduler at {address}"
+    else:
+        args, expected = ("--executor", "dask", "--processes", "10000"), "10000 Dask workers would get"
+    result = invoke_cli("apply", project.manifest, *args)
     assert result.returncode == 1
-    assert f"cannot reach the Dask scheduler at {address}" in result.stderr
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project.root / "atlases").exists() or not any((project.root / "atlases").iterdir())
     assert not (project.root / "logs").exists() and not (project.root / "h5ads").exists()
