@@ -1,9 +1,12 @@
 """Executors side by side, and what the serial coordinator costs per step.
 
-    python bench/executors.py [--preset small] [--processes 2] [--repeat 1] [--out bench/out]
+    python bench/executors.py [--preset small|full] [--processes 2] [--repeat 1] [--out bench/out]
 
-Rows (the real CLI in a subprocess, into a fresh atlas each time, on the preset's raw MTX):
-loky + local path (today), Dask LocalCluster + local path; each ÷ the first.
+Rows (the real CLI in a subprocess, into a fresh atlas each time, on the preset's raw MTX), each ÷ the first:
+loky + local paths (the default), Dask LocalCluster + local paths, and Dask LocalCluster + the S3 emulator
+(moto's server on loopback, tests/s3server.py: raw files, h5ads, atlas and state in a bucket; the upload is not
+timed; the emulator shows the request pattern, not a real service's latency, and its CPU counts as other load).
+Local atlases are checked against the inputs (bench/baselines.py verify), the S3 one with `verify --deep`.
 
 Then it times, against the atlas the loky run built, each serial step the coordinator
 (`apply`) runs between the workers' steps: reading a sample's genes, extending var, resizing,
@@ -22,26 +25,51 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, fresh_dir, run_watched  # noqa: E402
-from generate import add_preset_args, preset_from_args  # noqa: E402
+from common import BENCH_DIR, MB, fresh_dir, run_watched  # noqa: E402
+from generate import GeneratedData, add_preset_args, preset_from_args  # noqa: E402
 from query_cost import timed  # noqa: E402
 from run import ATLAS_NAME, ensure_data, verify_atlas, work_dir, write_manifest  # noqa: E402
+from s3 import manifest as s3_manifest  # noqa: E402  (also puts tests/ on sys.path)
+from s3server import S3Server, moto_server  # noqa: E402
 
-EXECUTORS = {"loky + local": ["--executor", "loky"], "Dask LocalCluster + local": ["--executor", "dask"]}
+ROWS = {"loky + local": ("local", "loky"), "Dask LocalCluster + local": ("local", "dask"),
+        "Dask LocalCluster + S3 emulator": ("s3", "dask")}
 
 
-def run_apply(work: Path, manifest: Path, processes: int, extra: list[str]) -> dict:
+def run_apply(manifest: Path, outputs: list[Path], processes: int, executor: str) -> dict:
+    """One apply into fresh `outputs` (the manifest's atlas, h5ad and log folders, when local)."""
     cli = Path(sys.executable).parent / "soma-manifest"
-    for sub in ("atlas", "h5ad", "logs"):
-        fresh_dir(work / sub)
-    run = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes), *extra], cwd=work)
+    for folder in outputs:
+        fresh_dir(folder)
+    run = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes), "--executor", executor],
+                      cwd=manifest.parent)
     if run.returncode != 0:
         raise SystemExit(f"apply failed: {run.last_error_line()}")
-    report = json.loads((work / "logs" / "last-apply.json").read_text())
-    steps = _step_seconds(Path(report["log_file"]).read_text())
-    checks = verify_atlas(work / "atlas" / ATLAS_NAME, _data)
-    return {"wall_s": run.seconds, "report": report, "worker_step_s": steps, "checks_ok": _checks_ok(checks),
-            "other_cores_busy": round(run.other_cores, 2)}
+    report = json.loads((manifest.parent / "logs" / "last-apply.json").read_text())
+    return {"wall_s": run.seconds, "report": report, "worker_step_s": _step_seconds(Path(report["log_file"]).read_text()),
+            "worker_peak_mb": round(run.child_peak_bytes / MB), "other_cores_busy": round(run.other_cores, 2)}
+
+
+def local_row(work: Path, data: GeneratedData, processes: int, executor: str) -> dict:
+    manifest = write_manifest(work, data, "manifest")
+    row = run_apply(manifest, [work / "atlas", work / "h5ad", work / "logs"], processes, executor)
+    checks = verify_atlas(work / "atlas" / ATLAS_NAME, data)
+    row["checks"] = "ok (inputs)" if _checks_ok(checks) else "FAILED"
+    return row
+
+
+def s3_row(work: Path, data: GeneratedData, processes: int, executor: str, server: S3Server) -> dict:
+    """The same apply with everything but the logs in a fresh bucket."""
+    bucket = server.new_bucket()
+    server.upload_tree(work / "raw", bucket, "raw")
+    folder = work / "s3"
+    folder.mkdir(exist_ok=True)
+    where = {part: f"s3://{bucket}/{part}" for part in ("raw", "h5ad", "atlas")}
+    manifest = s3_manifest(folder / "atlas.yaml", sorted({s.study for s in data.samples}), where, server.endpoint)
+    row = run_apply(manifest, [folder / "logs"], processes, executor)
+    verify = run_watched([str(Path(sys.executable).parent / "soma-manifest"), "verify", "--deep", str(manifest)])
+    row["checks"] = "ok (verify --deep)" if verify.returncode == 0 else f"FAILED: {verify.last_error_line()}"
+    return row
 
 
 def _step_seconds(log: str) -> dict[str, list[float]]:
@@ -59,7 +87,7 @@ def _median_s(fn) -> float:
     return timed(fn, repeat=5)
 
 
-def coordinator_costs(work: Path) -> dict[str, float]:
+def coordinator_costs(work: Path, manifest_path: Path) -> dict[str, float]:
     """Each serial coordinator step, timed on a copy of the atlas the loky run built (median of 5)."""
     import pandas as pd
 
@@ -68,7 +96,7 @@ def coordinator_costs(work: Path) -> dict[str, float]:
     from soma_manifest.schema import load_schema
     from soma_manifest.state import load_state, save_state
 
-    manifest = load_manifest(work / "atlas.yaml")
+    manifest = load_manifest(manifest_path)
     schema = load_schema(manifest.schema_path)
     scratch = fresh_dir(work / "coordinator")
     shutil.copytree(manifest.atlas_uri, scratch / "atlas")
@@ -127,41 +155,39 @@ def projection(costs: dict[str, float], per_sample_worker_s: float, workers: int
     return lines
 
 
-_data = None
-
-
 def main(argv: list[str] | None = None) -> None:
-    global _data
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_preset_args(parser)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs per executor")
+    parser.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs per row")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     args = parser.parse_args(argv)
     preset = preset_from_args(args)
     work = work_dir(args.out, preset)
-    _data, _ = ensure_data(work, preset, args.seed, args.processes)
-    manifest = write_manifest(work, _data)
+    data, _ = ensure_data(work, preset, args.seed, args.processes)
     rows = {}
-    for name, extra in EXECUTORS.items():
-        runs = [run_apply(work, manifest, args.processes, extra) for _ in range(args.repeat)]
-        rows[name] = min(runs, key=lambda r: r["wall_s"])
-        rows[name]["all_wall_s"] = [round(r["wall_s"], 2) for r in runs]
-        if name.startswith("loky"):
-            costs = coordinator_costs(work)
-            steps = rows[name]["worker_step_s"]
-            per_sample_worker_s = (sum(steps["convert"]) + sum(steps["ingest"])) / max(1, len(steps["ingest"]))
+    with moto_server() as server:
+        for name, (store, executor) in ROWS.items():
+            runs = [local_row(work, data, args.processes, executor) if store == "local"
+                    else s3_row(work, data, args.processes, executor, server) for _ in range(args.repeat)]
+            rows[name] = min(runs, key=lambda r: r["wall_s"])
+            rows[name]["all_wall_s"] = [round(r["wall_s"], 2) for r in runs]
+            if name == "loky + local":  # its atlas is the one the coordinator steps are timed on
+                costs = coordinator_costs(work, work / "manifest.yaml")
+                steps = rows[name]["worker_step_s"]
+                per_sample_worker_s = (sum(steps["convert"]) + sum(steps["ingest"])) / max(1, len(steps["ingest"]))
     base = rows["loky + local"]["wall_s"]
-    table = ["| executor | wall ÷ loky | wall s | convert s | ingest s | allocate s | atlas checks "
-             "| other cores busy |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| executor | wall ÷ loky + local | wall s | convert s | ingest s | allocate s | worker peak RSS MB "
+             "| atlas checks | other cores busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         rep = r["report"]
         table.append(f"| {name} | {r['wall_s'] / base:.2f}x | {r['wall_s']:.1f} | {rep['convert_seconds']:.1f} | "
-                     f"{rep['ingest_seconds']:.1f} | {rep.get('allocate_seconds', 0.0):.2f} | "
-                     f"{'ok' if r['checks_ok'] else 'FAILED'} | {r['other_cores_busy']} |")
+                     f"{rep['ingest_seconds']:.1f} | {rep.get('allocate_seconds', 0.0):.2f} | {r['worker_peak_mb']} | "
+                     f"{r['checks']} | {r['other_cores_busy']} |")
     cost_lines = [f"| {k} | {v * 1000:.1f} |" for k, v in costs.items()]
-    text = "\n".join([f"# Executors, preset {preset.name}, {args.processes} processes", "", *table, "",
+    text = "\n".join([f"# Executors, preset {preset.name}, {args.processes} processes "
+                      f"({data.total_cells:,} cells, {data.total_nnz:,} nnz)", "", *table, "",
                       "## Serial coordinator steps (median of 5, ms)", "", "| step | ms |", "|---|---|", *cost_lines,
                       "", "## Projection: 1,000 samples on 32 workers", "",
                       *projection(costs, per_sample_worker_s)])

@@ -207,11 +207,7 @@ class DaskExecutor(_Queued):
         if address is None:
             self.cluster = _local_cluster(processes)
             self.client = Client(self.cluster)
-            # In each worker's event-loop thread and in its one task thread (which starts TileDB's threads).
             self.client.wait_for_workers(processes)
-            self.client.run(_quiet_worker)
-            self.client.gather([self.client.submit(_quiet_worker, workers=[w], pure=False)
-                                for w in self.client.nthreads()])
         else:
             try:
                 self.client = Client(address, timeout=CONNECT_TIMEOUT_S)
@@ -260,25 +256,58 @@ class DaskExecutor(_Queued):
             self.cluster.close()
 
 
+def dask_setup(worker: object) -> None:
+    """Run by each LocalCluster worker process as it starts (its `preload`): leave apply's process group.
+
+    A Ctrl-C reaches the terminal's foreground process group, and only apply decides what stops. In the group,
+    a worker process died of it (asyncio's SIGINT handler in the worker's main thread), taking its running
+    step with it; blocking SIGINT (as loky's workers do, `_quiet_worker`) cannot cover the threads Dask started
+    before. The worker stays in apply's session, and exits when apply does (Dask watches its parent)."""
+    os.setpgid(0, 0)
+
+
+#: Set aside from a LocalCluster's workers for apply itself (its peak: 0.3-0.6 GB, bench/README.md) and the OS.
+COORDINATOR_BYTES = 1 << 30
+#: The least one step needs on a Dask worker at the default chunk size: ~0.7 GB measured (the ingest's 5M-nnz X
+#: chunks bound it up to ~17M nnz a sample; beyond, the convert holds the whole sample: ~27 MB per million nnz).
+STEP_BYTES = 700 << 20
+#: Where the nanny restarts a worker, as a fraction of its memory limit (Dask's default).
+TERMINATE = 0.95
+
+
+def worker_memory_limit(processes: int) -> int:
+    """Each LocalCluster worker's memory limit: an equal share of the memory Dask sees for this process (the RAM,
+    or a cgroup or SLURM limit), once apply's own is set aside. Equal shares let every worker hold a sample at
+    once; a sample that needs more than 95% of a share is stopped by the nanny and fails (recorded, retried by
+    the next apply): fewer processes give each one more."""
+    from distributed.system import MEMORY_LIMIT
+
+    share = (MEMORY_LIMIT - COORDINATOR_BYTES) // processes
+    if share * TERMINATE < STEP_BYTES:
+        most = max(1, int((MEMORY_LIMIT - COORDINATOR_BYTES) * TERMINATE // STEP_BYTES))
+        raise ExecutorError(f"{processes} Dask workers would get {share / 2**30:.2f} GB each of this machine's "
+                            f"{MEMORY_LIMIT / 2**30:.1f} GB; one step needs at least {STEP_BYTES / 2**30:.1f} GB",
+                            where="processes", hint=f"use at most {most} processes here; nothing was written")
+    return share
+
+
 def _local_cluster(processes: int):
     """One single-threaded worker process per slot, spawned (no fork after tiledbsoma started its threads)."""
     import dask
-    import psutil
     from distributed import LocalCluster
 
+    memory = worker_memory_limit(processes)
     dask.config.set({
         "distributed.worker.multiprocessing-method": "spawn",
-        # A step holds one sample; spilling or pausing cannot help it. Past 95% the nanny restarts the
+        # A step holds one sample; spilling or pausing cannot help it. Past TERMINATE the nanny restarts the
         # worker and that step fails (recorded, retried by the next apply).
         "distributed.worker.memory.target": False,
         "distributed.worker.memory.spill": False,
         "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.terminate": TERMINATE,
     })
-    # Each worker may use an equal share of the machine: one sample's ingest needs about 150 bytes per
-    # chunk nonzero (0.7 GB at the default 5M), far less than any share on a machine that holds an atlas.
-    memory = psutil.virtual_memory().total // processes
     return LocalCluster(n_workers=processes, threads_per_worker=1, processes=True, memory_limit=memory,
-                        dashboard_address=":0", silence_logs=50)
+                        dashboard_address=":0", silence_logs=50, preload=[__name__])
 
 
 def start_executor(spec: ExecutorConfig) -> StepExecutor:

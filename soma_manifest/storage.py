@@ -50,8 +50,10 @@ class StoreSettings:
 
 
 _settings = StoreSettings()
-_fs_cache: dict[StoreSettings, Any] = {}
-_ctx_cache: dict[StoreSettings, Any] = {}
+# Keyed by what they were built from: settings that leave the endpoint or region to the environment
+# (AWS_ENDPOINT_URL, AWS_REGION) resolve at use, and the environment may change in a long-lived process.
+_fs_cache: dict[tuple[str | None, str | None], Any] = {}
+_ctx_cache: dict[tuple[tuple[str, str], ...], Any] = {}
 _lock = threading.Lock()
 
 
@@ -230,7 +232,8 @@ def _missing(exc: BaseException) -> bool:
 def _fs():
     """The s3fs filesystem for the current settings (one per settings and process)."""
     with _lock:
-        fs = _fs_cache.get(_settings)
+        key = (_settings.endpoint(), _settings.region_name())
+        fs = _fs_cache.get(key)
         if fs is None:
             import s3fs
 
@@ -243,7 +246,7 @@ def _fs():
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
                                "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}})
             fs.retries = ATTEMPTS  # s3fs' own retry loop, on top of botocore's
-            _fs_cache[_settings] = fs
+            _fs_cache[key] = fs
         return fs
 
 
@@ -758,10 +761,11 @@ def tiledb_context() -> Any:
     if not config:
         return None
     with _lock:
-        ctx = _ctx_cache.get(_settings)
+        key = tuple(sorted(config.items()))
+        ctx = _ctx_cache.get(key)
         if ctx is None:
             import tiledbsoma
 
             ctx = tiledbsoma.SOMATileDBContext(tiledb_config=config)
-            _ctx_cache[_settings] = ctx
+            _ctx_cache[key] = ctx
         return ctx

@@ -1,6 +1,9 @@
 """A real Dask cluster for tests: a `dask scheduler` and two `dask worker` processes (one thread each) on
 127.0.0.1 free ports, shared by a test module. Registered from conftest.py as a pytest plugin.
 
+The workers find the moto S3 server (tests/s3server.py) the way workers of a real cluster find their object
+store: credentials and endpoint in their own environment (AWS_*), never in a task's arguments.
+
 The workers run with SOMA_MANIFEST_PAUSE_AT=ingest_start:<pause folder>: tests arm the pause (see faults.py)
 to hold a worker inside a step, e.g. to kill it there or to let it go on after its apply died.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from s3server import CREDENTIALS, S3Server
 from soma_manifest.faults import PAUSE_ENV
 
 
@@ -54,6 +58,18 @@ class DaskCluster:
         (self.pause / "armed").unlink(missing_ok=True)
         (self.pause / "release").touch()
 
+    def task_arguments(self) -> list[bytes]:
+        """What the scheduler holds for each of its tasks: the function and its arguments, pickled."""
+        from distributed import Client
+
+        def run_specs(dask_scheduler) -> list[bytes]:
+            from distributed.protocol.pickle import dumps
+
+            return [dumps(task.run_spec) for task in dask_scheduler.tasks.values()]
+
+        with Client(self.address, timeout=30) as client:
+            return client.run_on_scheduler(run_specs)
+
     def wait_idle(self, timeout: float = 120) -> None:
         """Until no task runs on the cluster (a dead client's task goes on running: Dask does not stop it)."""
         from distributed import Client
@@ -78,14 +94,14 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> No
 
 
 @pytest.fixture(scope="module")
-def dask_cluster() -> DaskCluster:
+def dask_cluster(s3_server: S3Server) -> DaskCluster:
     """A scheduler and two single-threaded workers (with nannies, which restart a killed worker)."""
     from distributed import Client
 
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     pause = Path(tempfile.mkdtemp(prefix="dask-pause-"))
-    env = {**os.environ, PAUSE_ENV: f"ingest_start:{pause}"}
+    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3_server.endpoint, PAUSE_ENV: f"ingest_start:{pause}"}
     dask = [sys.executable, "-m", "dask"]
     procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -1,8 +1,10 @@
-"""Issue 9: the same manifest applied by Dask (a real scheduler and workers on 127.0.0.1, and a LocalCluster)
-gives the loky result cell by cell; kills of apply or of a worker converge; a dead apply's step is fenced out."""
+"""Issue 9: the same manifest applied by Dask (a real scheduler and workers on 127.0.0.1, and a LocalCluster),
+on local paths and on S3 (moto), gives the loky result cell by cell; kills of apply or of a worker converge; a
+dead apply's step is fenced out."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -27,9 +29,39 @@ from conftest import (
     start_cli,
 )
 from daskcluster import DaskCluster, free_port
+from s3server import CREDENTIALS, S3Server
+from soma_manifest import storage
 from soma_manifest.faults import ENV as CRASH_AT
 from soma_manifest.faults import PAUSE_ENV
 from soma_manifest.lock import lock_path
+from test_s3 import S3Project
+from test_s3 import _project as s3_project_in
+
+
+def on_s3(root: Path, server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Project:
+    """The `project`'s three samples, raw files, h5ads, logs, atlas and state in a bucket. Its manifest names no
+    object_store: apply (and its loky workers) find the endpoint in AWS_ENDPOINT_URL, and the cluster's workers
+    theirs, with their credentials, in their own environment (daskcluster.py)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    p = s3_project_in(root, server)
+    p.manifest.write_text(re.sub(r"object_store:\n(?:  .*\n)+", "", p.manifest.read_text()))
+    assert "object_store" not in p.manifest.read_text()
+    return p
+
+
+@pytest.fixture
+def store_project(request: pytest.FixtureRequest, tmp_path: Path, s3_server: S3Server,
+                  monkeypatch: pytest.MonkeyPatch) -> Project:
+    """Parametrized indirectly: "local", the `project`; "s3", the same project in a bucket (`on_s3`)."""
+    if request.param == "s3":
+        return on_s3(tmp_path, s3_server, monkeypatch)
+    return request.getfixturevalue("project")
+
+
+def lock_left(project: Project) -> bool:
+    if isinstance(project, S3Project):
+        return "atlases/atlas.state.json.lock" in project.objects()
+    return lock_path(project.state_path).exists()
 
 
 def add_h5ad_and_10x_h5(project: Project) -> None:
@@ -51,7 +83,7 @@ def add_h5ad_and_10x_h5(project: Project) -> None:
 
 def atlas_by_obs_id(uri: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """obs (indexed by obs_id) and the counts as (obs_id, var_id, value), independent of joinid order."""
-    with tiledbsoma.Experiment.open(str(uri)) as exp:
+    with tiledbsoma.Experiment.open(str(uri), context=storage.tiledb_context()) as exp:
         obs = exp.obs.read().concat().to_pandas()
         var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
         x = exp.ms["RNA"].X["raw"].read().tables().concat().to_pandas()
@@ -79,6 +111,27 @@ def test_round_trip_on_a_cluster_equals_loky(tmp_path: Path, dask_cluster: DaskC
     pd.testing.assert_frame_equal(loky_obs, dask_obs)
     pd.testing.assert_frame_equal(loky_x, dask_x)
     assert len(loky_obs) > 1000  # the chr21 sample is in both
+
+
+def test_round_trip_and_an_add_on_s3_equal_loky(project: Project, tmp_path: Path, s3_server: S3Server,
+                                                 monkeypatch: pytest.MonkeyPatch, dask_cluster: DaskCluster) -> None:
+    """The cluster's workers read the raw files from the bucket and write the atlas there; it equals the atlas
+    loky builds on local paths cell by cell, after the first apply and after an incremental add."""
+    s3 = on_s3(tmp_path / "s3", s3_server, monkeypatch)
+    cluster = ("--scheduler", dask_cluster.address)
+    for step in ("first", "add"):
+        if step == "add":
+            for p in (project, s3):
+                p.add_mtx("study_b", "s2", make_sample(25, 20, seed=12, gene_offset=40))
+            s3.upload()
+        apply_ok(project, "--executor", "loky")
+        done = apply_ok(s3, *cluster)
+        assert f"Apply finished: {3 if step == 'first' else 1} succeeded, 0 failed" in done.stderr
+        (loky_obs, loky_x), (dask_obs, dask_x) = atlas_by_obs_id(project.atlas_uri), atlas_by_obs_id(s3.atlas_uri)
+        pd.testing.assert_frame_equal(loky_obs, dask_obs)
+        pd.testing.assert_frame_equal(loky_x, dask_x)
+    assert "No changes" in apply_ok(s3, *cluster).stderr
+    assert_converged(s3)
 
 
 def test_changes_on_a_cluster(project: Project, dask_cluster: DaskCluster) -> None:
@@ -114,11 +167,13 @@ def test_local_cluster_when_no_address_is_given(project: Project) -> None:
     assert_converged(project)
 
 
-def test_kill_apply_during_ingest_while_the_workers_live_on(project: Project, dask_cluster: DaskCluster) -> None:
+@pytest.mark.parametrize("store_project", ["local", "s3"], indirect=True)
+def test_kill_apply_during_ingest_while_the_workers_live_on(store_project: Project, dask_cluster: DaskCluster) -> None:
+    project = store_project
     run = start_cli("apply", project.manifest, "--scheduler", dask_cluster.address, env={CRASH_AT: "mid_ingest"})
     try:
         assert run.wait().returncode == -signal.SIGKILL
-        assert lock_path(project.state_path).exists()
+        assert lock_left(project)
         dask_cluster.wait_idle()
         apply_ok(project, "--scheduler", dask_cluster.address)
         assert read_state(project).orphans == []
@@ -148,12 +203,15 @@ def test_a_killed_worker_fails_or_retries_its_sample(project: Project, dask_clus
         run.kill_session()
 
 
-@pytest.mark.parametrize("executor", ["loky", "dask"])
-def test_a_dead_applys_step_cannot_write_after_a_new_apply_started(project: Project, dask_cluster: DaskCluster,
-                                                                   executor: str) -> None:
+@pytest.mark.parametrize(("executor", "store_project"), [("loky", "local"), ("dask", "local"), ("dask", "s3")],
+                         indirect=["store_project"])
+def test_a_dead_applys_step_cannot_write_after_a_new_apply_started(store_project: Project, dask_cluster: DaskCluster,
+                                                                   s3_server: S3Server, executor: str) -> None:
     """A step of a killed apply, held before it writes, goes on only after a new apply took the atlas over,
-    deleted the dead apply's ranges and re-ingested everything. Without the lease check it would write its
-    cells with a later timestamp than that delete: they would stay, as orphans. With it, nothing lands."""
+    deleted the dead apply's ranges and re-ingested everything. Without the lease check (the lock file, or on
+    S3 the lock object) it would write its cells with a later timestamp than that delete: they would stay, as
+    orphans. With it, nothing lands."""
+    project = store_project
     dask_cluster.arm()
     if executor == "dask":
         run = start_cli("apply", project.manifest, "--scheduler", dask_cluster.address)
@@ -164,6 +222,13 @@ def test_a_dead_applys_step_cannot_write_after_a_new_apply_started(project: Proj
         # A worker holds an ingest. While one is in flight the coordinator resizes nothing (apply._Pipeline),
         # so the kill cannot land inside a resize.
         dask_cluster.paused_pids(at_least=1)
+        if executor == "dask":
+            # The worker holds a task of that apply: its arguments name the sample, never a credential or the
+            # endpoint (the workers have both in their environment).
+            specs = dask_cluster.task_arguments()
+            assert any(b"study_" in spec for spec in specs)
+            secrets = (CREDENTIALS["AWS_SECRET_ACCESS_KEY"], CREDENTIALS["AWS_ACCESS_KEY_ID"], s3_server.endpoint)
+            assert not any(secret.encode() in spec for spec in specs for secret in secrets)
         run.proc.send_signal(signal.SIGKILL)
         assert run.wait().returncode == -signal.SIGKILL
         (dask_cluster.pause / "armed").unlink()
@@ -201,11 +266,18 @@ def _cpu_still(proc) -> bool:
     return sum(proc.cpu_times()[:2]) == before
 
 
-def test_an_unreachable_scheduler_is_one_clear_error_and_writes_nothing(project: Project) -> None:
+@pytest.mark.parametrize("case", ["unreachable scheduler", "workers too small"])
+def test_a_cluster_that_cannot_run_is_one_clear_error_and_writes_nothing(project: Project, case: str) -> None:
+    """A scheduler nobody listens at; a LocalCluster whose workers' equal shares of the memory could not hold
+    one step (10,000 processes)."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    result = invoke_cli("apply", project.manifest, "--scheduler", address)
+    if case == "unreachable scheduler":
+        args, expected = ("--scheduler", address), f"cannot reach the Dask scheduler at {address}"
+    else:
+        args, expected = ("--executor", "dask", "--processes", "10000"), "10000 Dask workers would get"
+    result = invoke_cli("apply", project.manifest, *args)
     assert result.returncode == 1
-    assert f"cannot reach the Dask scheduler at {address}" in result.stderr
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project.root / "atlases").exists() or not any((project.root / "atlases").iterdir())
     assert not (project.root / "logs").exists() and not (project.root / "h5ads").exists()

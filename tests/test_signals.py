@@ -1,6 +1,7 @@
 """Issue 12 part 4: SIGINT (Ctrl-C, sent to the whole process group as a terminal does) and SIGTERM (to apply
 alone, as CI and Kubernetes do) stop apply cleanly: exit 130/143, a message, the lock released, and the next
-apply converges. A second SIGINT stops at once and still leaves a state that converges."""
+apply converges. A second SIGINT stops at once and still leaves a state that converges. The same first SIGINT
+with `--executor dask`, whose LocalCluster leaves no process behind."""
 
 from __future__ import annotations
 
@@ -23,14 +24,31 @@ def wait_for(path_glob: Path, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize(("sig", "code", "group"), [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
-                         ids=["SIGINT", "SIGTERM"])
+def session_processes(sid: int) -> list[int]:
+    """The pids still alive in a session (apply's, started with start_cli: every worker it started is in it)."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return alive
+
+
+@pytest.mark.parametrize(("sig", "code", "group", "executor"),
+                         [(signal.SIGINT, 130, True, "loky"), (signal.SIGTERM, 143, False, "loky"),
+                          (signal.SIGINT, 130, True, "dask")], ids=["SIGINT", "SIGTERM", "SIGINT-dask"])
 def test_first_signal_finishes_running_steps_and_exits_cleanly(project: Project, tmp_path: Path, sig: int,
-                                                               code: int, group: bool) -> None:
+                                                               code: int, group: bool, executor: str) -> None:
+    """With dask: a LocalCluster of one worker, spawned by apply (it gets the pause from apply's environment)."""
     pause = tmp_path / "pause"
     pause.mkdir()
     (pause / "armed").touch()
-    run = start_cli("apply", project.manifest, "--processes", "1", env={PAUSE_ENV: f"ingest_start:{pause}"})
+    run = start_cli("apply", project.manifest, "--processes", "1", "--executor", executor,
+                    env={PAUSE_ENV: f"ingest_start:{pause}"})
     try:
         wait_for(pause / "paused-*")  # one ingest is running (held); the others wait in the queue
         (os.killpg if group else os.kill)(run.proc.pid, sig)
@@ -46,6 +64,11 @@ def test_first_signal_finishes_running_steps_and_exits_cleanly(project: Project,
         state = read_state(project)
         done_samples = [k for k, s in state.samples.items() if s.ingest == "done"]
         assert len(done_samples) == 1, "the running step finished, and no other started"
+        if executor == "dask":
+            deadline = time.monotonic() + 30
+            while session_processes(run.proc.pid):
+                assert time.monotonic() < deadline, f"left behind: {session_processes(run.proc.pid)}"
+                time.sleep(0.2)
         apply_ok(project)
         assert_converged(project)
     finally:
