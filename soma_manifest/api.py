@@ -153,15 +153,17 @@ class Atlas:
     def _executor_config(self, processes: int | None, kind: str | None, scheduler: str | None,
                          plan: Plan) -> ExecutorConfig:
         """Where the steps run: arguments first, then the manifest's executor block and processes; never more
-        local workers than samples with steps (a one-sample apply converts and ingests on one warm worker)."""
+        loky workers than samples with steps (a one-sample apply converts and ingests on one warm worker)."""
         from soma_manifest.executors import ExecutorConfig
 
         block = self.manifest.spec.executor
         chosen = kind or ("dask" if scheduler else block.kind)
         address = scheduler or (block.address if chosen == "dask" else None)
         workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
-        busy = sum(1 for a in plan.actions if a.converts or a.ingests or "write_obs" in a.steps)
-        return ExecutorConfig(chosen, address, max(1, min(workers, busy)))
+        if chosen == "loky":
+            busy = sum(1 for a in plan.actions if a.converts or a.ingests or "write_obs" in a.steps)
+            workers = max(1, min(workers, busy))
+        return ExecutorConfig(chosen, address, workers)
 
     # --- checks and reads -------------------------------------------------------------------------
 
