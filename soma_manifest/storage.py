@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import threading
@@ -142,12 +143,18 @@ def _as_location(value: Location | str | os.PathLike[str]) -> Location:
     return value if type(value) is Location else Location(value)
 
 
-def resolve(value: str, base: str) -> Location:
-    """A manifest path: s3:// URIs as they are; local paths made absolute against `base`."""
+def resolve(value: str, base: str | Location) -> Location:
+    """A path as a manifest or schema writes it: s3:// URIs as they are, absolute local paths normalized, and
+    relative ones against the folder `base` (a local folder, or an s3:// prefix for a file kept on S3)."""
     if value.startswith(_S3):
         return Location(value)
     path = os.path.expanduser(value)
-    return Location(os.path.normpath(path) if os.path.isabs(path) else os.path.realpath(os.path.join(base, path)))
+    if os.path.isabs(path):
+        return Location(os.path.normpath(path))
+    base = str(base)
+    if base.startswith(_S3):
+        return Location(_S3 + posixpath.normpath(f"{base[len(_S3):]}/{path}"))
+    return Location(os.path.realpath(os.path.join(base, path)))
 
 
 # ---------------------------------------------------------------- errors

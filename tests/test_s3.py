@@ -18,6 +18,7 @@ from conftest import (
     DEFAULT_SCHEMA,
     Project,
     assert_converged,
+    genes,
     invoke_cli,
     make_sample,
     run_cli,
@@ -50,7 +51,8 @@ class S3Project(Project):
     def state_path(self) -> str:  # type: ignore[override]
         return f"{self.where('atlases')}/atlas.state.json"
 
-    def write_manifest(self, studies: str | None = None, schema: Path = DEFAULT_SCHEMA, extra: str = "") -> Path:
+    def write_manifest(self, studies: str | None = None, schema: Path | str = DEFAULT_SCHEMA,
+                       extra: str = "") -> Path:
         names = sorted({k.split("/")[0] for k in self.samples})
         studies = studies or "".join(f"  - name: {n}\n" for n in names)
         self.manifest.write_text(
@@ -195,6 +197,56 @@ def test_kill_on_s3_converges(s3_project: S3Project, point: str) -> None:
         run.kill_session()
     _apply(s3_project)  # the dead holder was on this host: its lease is taken over at once
     assert_converged(s3_project)
+
+
+def _put(p: S3Project, key: str, body: str) -> None:
+    p.server.client().put_object(Bucket=p.bucket, Key=key, Body=body.encode())
+
+
+def test_schema_and_gene_reference_on_s3(s3_project: S3Project) -> None:
+    """A schema kept on S3, with a gene reference next to it named relative to it: plan, apply, round trip;
+    a saved plan goes stale when the schema or the reference on S3 changes."""
+    p = s3_project
+    ids, symbols = genes(60)
+    reference = "id\tsymbol\n" + "".join(f"{i}\t{s}\n" for i, s in zip(ids, symbols))
+    text = DEFAULT_SCHEMA.read_text().replace("universe: union", "universe: union\n  reference: ../refs/genes.tsv")
+    _put(p, "config/refs/genes.tsv", reference)
+    _put(p, "config/schemas/atlas.yaml", text)
+    p.write_manifest(schema=f"s3://{p.bucket}/config/schemas/atlas.yaml")
+    _apply(p)
+    assert_converged(p)
+    state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"].read())
+    assert all(s["gene_mapping"] for s in state["samples"].values()), "the reference on S3 was not used"
+
+    p.add_mtx("study_b", "s2", make_sample(20, 25, seed=7, gene_offset=30))
+    p.upload()
+    saved = invoke_cli("plan", p.manifest, "--out", p.root / "plan.json")
+    assert saved.returncode == 0, saved.stderr
+    for key, changed in (("config/refs/genes.tsv", reference + "ENSG99999999999\tEXTRA\n"),
+                         ("config/schemas/atlas.yaml", text.replace('"MT-"', '"MT-", "MTRNR"'))):
+        original = reference if key.endswith(".tsv") else text
+        _put(p, key, changed)
+        stale = invoke_cli("apply", p.root / "plan.json")
+        assert stale.returncode == 1 and "stale: the schema changed" in stale.stderr, stale.stderr
+        assert f"s3://{p.bucket}/config/schemas/atlas.yaml" in stale.stderr
+        _put(p, key, original)
+    _apply_saved = invoke_cli("apply", p.root / "plan.json")
+    assert _apply_saved.returncode == 0, _apply_saved.stderr
+    assert_converged(p)
+
+
+def test_a_broken_schema_on_s3_is_one_error_naming_its_uri_and_line(s3_project: S3Project) -> None:
+    p = s3_project
+    uri = f"s3://{p.bucket}/schemas/atlas.yaml"
+    text = DEFAULT_SCHEMA.read_text()
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "source: barcode" in row)
+    _put(p, "schemas/atlas.yaml", text.replace("source: barcode", "source: barcodes"))
+    p.write_manifest(schema=uri)
+    _assert_one_clean_error(invoke_cli("plan", p.manifest), f"{p.manifest}:5: schema: {uri}:{line}: obs.")
+
+    p.write_manifest(schema=f"s3://{p.bucket}/schemas/missing.yaml")
+    _assert_one_clean_error(invoke_cli("apply", p.manifest), f"s3://{p.bucket}/schemas/missing.yaml: file not found")
+    assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
 
 
 def _lock_object(p: S3Project, *, expires: float, host: str = "build-7.example") -> Holder:
