@@ -180,7 +180,7 @@ def _cause(exc: BaseException, loc: Location) -> tuple[str, str]:
     if isinstance(exc, bx.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         text = f"{code} {exc.response.get('Error', {}).get('Message', '')}"
-    if loc.is_remote and ("NoSuchBucket" in text or "bucket does not exist" in text):
+    if loc.is_remote and _no_bucket(text):
         return f"the bucket {_bucket_of(loc)} does not exist", "create the bucket, or fix the s3:// URI"
     if loc.is_remote and any(k in text for k in ("AccessDenied", "Access Denied", "Forbidden", "InvalidAccessKeyId",
                                                   "SignatureDoesNotMatch")) \
@@ -227,8 +227,16 @@ def guard(action: str, loc: Location) -> Iterator[None]:
 
 
 def _missing(exc: BaseException) -> bool:
-    """A missing object or file (not a missing bucket: that is an error)."""
-    return isinstance(exc, FileNotFoundError) and "bucket" not in str(exc).lower()
+    """A missing object or file (not a missing bucket: that is an error).
+
+    Matched on the service's wording, as `_cause` does: the message may hold the path, and a bucket may well
+    be named my-bucket.
+    """
+    return isinstance(exc, FileNotFoundError) and not _no_bucket(str(exc))
+
+
+def _no_bucket(text: str) -> bool:
+    return "NoSuchBucket" in text or "bucket does not exist" in text
 
 
 # ---------------------------------------------------------------- S3 plumbing

@@ -28,6 +28,7 @@ from conftest import (
 from roundtrip import assert_counts_equal, read_sample_as_user
 from s3server import CREDENTIALS, S3Server
 from soma_manifest.faults import ENV as CRASH_AT
+from soma_manifest.faults import PAUSE_ENV
 from soma_manifest.lock import Holder
 
 
@@ -247,6 +248,50 @@ def test_a_broken_schema_on_s3_is_one_error_naming_its_uri_and_line(s3_project: 
     p.write_manifest(schema=f"s3://{p.bucket}/schemas/missing.yaml")
     _assert_one_clean_error(invoke_cli("apply", p.manifest), f"s3://{p.bucket}/schemas/missing.yaml: file not found")
     assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
+
+
+def _run_logs(p: S3Project) -> dict[str, str]:
+    client = p.server.client()
+    return {k: client.get_object(Bucket=p.bucket, Key=k)["Body"].read().decode()
+            for k in p.objects() if k.startswith("logs/apply-")}
+
+
+def test_a_killed_apply_leaves_its_run_log_on_s3(s3_project: S3Project, tmp_path: Path) -> None:
+    """The run log on S3 is stored while apply runs, not only at its end: an apply held at its first ingest
+    stores the log of its conversions, and once killed with -9 (at mid_ingest) that log stays."""
+    p = s3_project
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    (pause / "armed").touch()
+    run = start_cli("apply", p.manifest, "--processes", "1",
+                    env={CRASH_AT: "mid_ingest", PAUSE_ENV: f"ingest_start:{pause}"})
+    try:
+        deadline = time.monotonic() + 120
+        while not any(pause.glob("paused-*")):
+            assert run.proc.poll() is None and time.monotonic() < deadline, "the apply never reached an ingest"
+            time.sleep(0.1)
+        state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"]
+                           .read())
+        converted = [k for k, s in state["samples"].items() if s["h5ad"]]
+        assert converted, "no sample was converted before the first ingest"
+        logs: dict[str, str] = {}
+        while not (logs and all(f"{k}: converted" in text for k in converted for text in logs.values())):
+            assert time.monotonic() < deadline, f"the run log on S3 never named {converted}: {logs}"
+            time.sleep(0.2)
+            logs = _run_logs(p)
+        (pause / "armed").unlink()
+        (pause / "release").touch()
+        assert run.wait().returncode == -signal.SIGKILL
+    finally:
+        run.kill_session()
+    [(key, text)] = _run_logs(p).items()
+    assert f"apply {p.manifest}" in text and all(f"{k}: converted" in text for k in converted), text
+
+    state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"].read())
+    left = [k for k, s in state["samples"].items() if s["ingest"] != "done"]
+    _apply(p)  # its log is stored in full when it ends
+    [finished] = [text for k, text in _run_logs(p).items() if k != key]
+    assert left and all(f"{k}: ingest done" in finished for k in left), finished
 
 
 def _lock_object(p: S3Project, *, expires: float, host: str = "build-7.example") -> Holder:
