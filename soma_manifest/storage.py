@@ -29,11 +29,12 @@ from urllib.parse import urlparse
 from soma_manifest.errors import StorageError
 
 _S3 = "s3://"
-#: Seconds to wait for an S3 endpoint to accept a connection, and attempts per request: an
-#: unreachable endpoint fails well within 30 s instead of hanging.
+#: Seconds to wait for an S3 endpoint to accept a connection and to answer, and attempts per request
+#: (botocore's own retries, with backoff; throttling included). An endpoint that refuses, never accepts
+#: or never answers fails within about 30 s instead of hanging (tests/test_s3.py, black holes).
 CONNECT_TIMEOUT = 5
-READ_TIMEOUT = 20
-ATTEMPTS = 2
+READ_TIMEOUT = 8
+ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -256,10 +257,18 @@ def _fs():
                 endpoint_url=_settings.endpoint(), client_kwargs=client, skip_instance_cache=True,
                 use_listings_cache=False,
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
-                               "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}})
-            fs.retries = ATTEMPTS  # s3fs' own retry loop, on top of botocore's
+                               "retries": {"total_max_attempts": ATTEMPTS, "mode": "standard"}})
+            fs.retries = 1  # s3fs' own retry loop would multiply botocore's attempts (and their timeouts)
+            fs.connect()
+            fs.s3.meta.events.register("before-send.s3", _no_expect_continue)
             _fs_cache[_settings] = fs
         return fs
+
+
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    """Drop botocore's `Expect: 100-continue` from PUTs: aiohttp waits for the 100 without any timeout, so a
+    PUT to an endpoint that accepts connections and never answers would hang for good."""
+    request.headers.pop("Expect", None)
 
 
 def _key(loc: Location) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,8 @@ from conftest import (
     start_cli,
 )
 from roundtrip import assert_counts_equal, read_sample_as_user
-from s3server import CREDENTIALS, S3Server
+from test_refusals import snapshot
+from s3server import CREDENTIALS, S3Server, black_hole
 from soma_manifest.faults import ENV as CRASH_AT
 from soma_manifest.faults import PAUSE_ENV
 from soma_manifest.lock import Holder
@@ -377,6 +379,74 @@ def test_bad_s3_inputs_fail_clearly_and_write_nothing(s3_project: S3Project, s3_
     finally:
         s3_server.enforce_auth(False)
     assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
+
+
+def _open_atlas_via_tiledb(p: S3Project, endpoints: tuple[str, ...], outcome: dict) -> None:
+    """TileDB's own timeouts (storage.tiledb_config): opening the atlas fails, per endpoint its seconds."""
+    import tiledbsoma
+
+    from soma_manifest import storage
+
+    for endpoint in endpoints:
+        storage.configure(storage.StoreSettings(endpoint, "us-east-1"))
+        started = time.monotonic()
+        try:
+            tiledbsoma.Experiment.open(f"s3://{p.bucket}/atlases/atlas", context=storage.tiledb_context())
+            outcome[endpoint] = AssertionError("TileDB opened an atlas at a black hole")
+        except tiledbsoma.SOMAError as exc:
+            outcome[endpoint] = time.monotonic() - started if "Timeout was reached" in str(exc) else exc
+
+
+def test_a_black_holed_endpoint_fails_in_time_naming_it(tmp_path: Path, s3_server: S3Server) -> None:
+    """plan and apply against an endpoint that accepts connections and never answers, and against one that
+    never accepts them: one error naming the endpoint, well before any hang, nothing written. With everything
+    on S3 the first request is s3fs'; with only the atlas there (state, lock, logs local) it is the atlas'
+    lookup, which must not take an unreachable store for a missing atlas. TileDB's own timeouts too."""
+    everything = _project(tmp_path / "all", s3_server)
+    atlas_only = _project(tmp_path / "atlas", s3_server, local=("raw", "h5ads", "logs"))
+    atlas_only.manifest.write_text(atlas_only.manifest.read_text().replace(
+        "  logs:", f"  state: {atlas_only.root / 'atlas.state.json'}\n  logs:"))
+    texts = {p.root.name: p.manifest.read_text() for p in (everything, atlas_only)}
+    before = snapshot(atlas_only.root)
+    with black_hole(accepts=True) as answers_never, black_hole(accepts=False) as accepts_never:
+        runs = {}
+        for endpoint in (answers_never, accepts_never):
+            port = endpoint.rsplit(":", 1)[1]
+            for p in (everything, atlas_only):
+                manifest = p.root / f"{port}.yaml"
+                manifest.write_text(texts[p.root.name].replace(s3_server.endpoint, endpoint)
+                                    .replace("atlas.state.json", f"{port}.state.json"))
+                for command in ("plan", "apply"):
+                    runs[(command, p.root.name, endpoint)] = start_cli(command, manifest)
+        tiledb: dict[str, float | BaseException] = {}
+        probe = threading.Thread(target=_open_atlas_via_tiledb, args=(everything, (answers_never, accepts_never),
+                                                                     tiledb))
+        started = time.monotonic()
+        probe.start()
+        took = {}
+        try:
+            while len(took) < len(runs):
+                assert time.monotonic() - started < 90, f"still running: {set(runs) - set(took)}"  # bound ~30 s
+                took.update({k: time.monotonic() - started for k, run in runs.items()
+                             if k not in took and run.proc.poll() is not None})
+                time.sleep(0.1)
+            for key, run in runs.items():
+                print(f"{' '.join(key)}: {took[key]:.1f} s")
+                _assert_one_clean_error(run.wait(), f"cannot reach the S3 endpoint {key[2]}")
+        finally:
+            for run in runs.values():
+                run.kill_session()
+            probe.join()
+        for endpoint, outcome in tiledb.items():
+            print(f"TileDB open {endpoint}: {outcome}")
+            assert isinstance(outcome, float) and outcome < 90, outcome
+    for p in (everything, atlas_only):
+        for name in p.root.glob("*.yaml"):
+            if name != p.manifest:
+                name.unlink()
+    assert snapshot(atlas_only.root) == before, "a failed command wrote a local file"
+    assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for p in (everything, atlas_only)
+                   for k in p.objects()), "a failed command wrote"
 
 
 @pytest.fixture
