@@ -214,6 +214,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
                         hint="nothing was changed; re-run with --allow-delete to delete them")
     if any(a.converts for a in plan.actions):
         genes.schema_reference(schema)  # a bad gene reference is one error before any change, not one per sample
+        storage.check_writable(manifest.h5ad)  # so is a read-only h5ad folder
     # Started before anything is written: an unreachable scheduler fails the apply with nothing changed.
     steps = start_executor(executor)
     run = Run(manifest, schema, state, steps, lease, reporter or SilentReporter(), interrupt or Interrupt(),

@@ -510,6 +510,21 @@ def mkdir(loc: Location) -> None:
             os.makedirs(loc.uri, exist_ok=True)
 
 
+def check_writable(loc: Location) -> None:
+    """Fail now, naming the folder, if files cannot be created in this local folder (a read-only mount,
+    a full disk); object stores answer per request."""
+    loc = _as_location(loc)
+    if loc.is_remote:
+        return
+    with guard("write in the folder", loc):
+        folder = loc.uri
+        while not os.path.isdir(folder):  # its nearest existing ancestor: nothing is created before it is needed
+            folder = os.path.dirname(folder)
+        fd, probe = tempfile.mkstemp(prefix=".soma-manifest-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+
+
 def write_atomic(loc: Location, data: bytes, *, backup: Location | None = None) -> None:
     """Replace the file in one step: local temp + fsync + rename; on S3 one whole-object PUT.
 

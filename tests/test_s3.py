@@ -482,6 +482,45 @@ def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None
     _assert_one_clean_error(result, str(full_disk / "atlases" / "atlas.state.json.lock"), "disk full")
 
 
+@pytest.fixture
+def read_only_mount(tmp_path: Path):
+    """A tmpfs holding empty atlas, state, h5ad and logs folders, remounted read-only (root ignores file
+    modes, not a read-only mount): every write fails with EROFS."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+    try:
+        for name in ("storage", "state", "h5ad", "logs"):
+            (mount / name).mkdir()
+        if subprocess.run(["mount", "-o", "remount,ro", str(mount)]).returncode != 0:
+            pytest.skip("cannot remount a tmpfs read-only here")
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.mark.parametrize("key", ["atlas.storage", "storage.state", "storage.h5ad", "storage.logs"])
+def test_a_read_only_filesystem_is_one_clear_error(project: Project, read_only_mount: Path, key: str) -> None:
+    """A folder of the manifest on a read-only mount: one error naming the path; nothing else changed."""
+    where = read_only_mount / key.split(".")[1]
+    text = project.manifest.read_text()
+    if key == "storage.state":
+        text = text.replace("  logs: logs\n", f"  logs: logs\n  state: {where / 'atlas.state.json'}\n")
+    else:
+        old = {"atlas.storage": "storage: atlases", "storage.h5ad": "h5ad: h5ads", "storage.logs": "logs: logs"}[key]
+        text = text.replace(old, f"{old.split(':')[0]}: {where}")
+    project.manifest.write_text(text)
+    before = snapshot(project.root)
+    _assert_one_clean_error(invoke_cli("apply", project.manifest), str(where), "read-only filesystem")
+    assert snapshot(project.root) == before
+
+
 def test_running_apply_renews_its_lease(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The holder pushes its expiry forward while it runs; its epoch stays current until it lets go."""
     from soma_manifest import lock, storage
