@@ -4,10 +4,14 @@ against a real S3 service (moto's server on loopback, tests/s3server.py)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -449,19 +453,25 @@ def test_a_black_holed_endpoint_fails_in_time_naming_it(tmp_path: Path, s3_serve
                    for k in p.objects()), "a failed command wrote"
 
 
-@pytest.fixture
-def full_disk(tmp_path: Path):
-    """A tiny tmpfs, filled up: every write to it fails with ENOSPC."""
-    import os
-    import subprocess
-
-    mount = tmp_path / "full"
+@contextmanager
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `mount` (root ignores file modes, not a mount's limits); skips where
+    mounting is not permitted."""
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tiny tmpfs, filled up: every write to it fails with ENOSPC."""
+    with _tmpfs(tmp_path / "full", "64k") as mount:
         (mount / "atlases").mkdir()
         try:
             with open(mount / "filler", "wb", buffering=0) as fh:
@@ -470,8 +480,6 @@ def full_disk(tmp_path: Path):
         except OSError:
             pass
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None:
@@ -483,26 +491,15 @@ def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None
 
 
 @pytest.fixture
-def read_only_mount(tmp_path: Path):
-    """A tmpfs holding empty atlas, state, h5ad and logs folders, remounted read-only (root ignores file
-    modes, not a read-only mount): every write fails with EROFS."""
-    import os
-    import subprocess
-
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
-    try:
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding empty atlas, state, h5ad and logs folders, remounted read-only: every write fails
+    with EROFS."""
+    with _tmpfs(tmp_path / "ro", "1m") as mount:
         for name in ("storage", "state", "h5ad", "logs"):
             (mount / name).mkdir()
         if subprocess.run(["mount", "-o", "remount,ro", str(mount)]).returncode != 0:
             pytest.skip("cannot remount a tmpfs read-only here")
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 @pytest.mark.parametrize("key", ["atlas.storage", "storage.state", "storage.h5ad", "storage.logs"])
