@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from soma_manifest import atlas, compact, genes, storage
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
-from soma_manifest.errors import AtlasError, PlanError, StateError
+from soma_manifest.errors import AtlasError, PlanError, StateError, StorageError
 from soma_manifest.executors import ExecutorConfig, StepExecutor, start_executor
 from soma_manifest.faults import crash_point
 from soma_manifest.lock import Lease
@@ -37,6 +38,8 @@ DEFAULT_CHUNK_NNZ = 5_000_000
 #: After a first SIGINT/SIGTERM, how long running steps may take to finish before they are abandoned.
 DEFAULT_GRACE_S = 30.0
 _POLL_S = 0.2
+#: Seconds between stores of a run log kept on an object store (each store uploads the whole log).
+LOG_UPLOAD_S = 2.0
 
 
 class Reporter(Protocol):
@@ -215,6 +218,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
                         hint="nothing was changed; re-run with --allow-delete to delete them")
     if any(a.converts for a in plan.actions):
         genes.schema_reference(schema)  # a bad gene reference is one error before any change, not one per sample
+        storage.check_writable(manifest.h5ad)  # so is a read-only h5ad folder
     # Started before anything is written: an unreachable scheduler fails the apply with nothing changed.
     steps = start_executor(executor)
     run = Run(manifest, schema, state, steps, lease, reporter or SilentReporter(), interrupt or Interrupt(),
@@ -591,7 +595,9 @@ def _quick_verify(run: Run) -> None:
 class _RunLog:
     """A log file per run in the logs folder (DEBUG, with worker tracebacks).
 
-    On an object store the log is written to a local temporary file and stored when the run ends.
+    On an object store (no appends there) the log is written to a local temporary file and stored whole:
+    once as the run starts, then every LOG_UPLOAD_S seconds while it grew (never per line), and once more
+    when the run ends. An apply killed with -9 leaves its log up to its last few seconds.
     """
 
     def __init__(self, manifest: LoadedManifest, report: ApplyReport) -> None:
@@ -603,20 +609,53 @@ class _RunLog:
         with storage.guard("open the log file", self.path):
             self.handler = logging.FileHandler(self.staged or self.path)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.stored = -1  # bytes of the staged log last stored
+        self.stop = threading.Event()
+        self.uploader = threading.Thread(target=self._store_periodically, name="run-log-upload", daemon=True)
 
     def __enter__(self) -> None:
+        if self.staged:
+            try:
+                self._store()  # an unwritable logs prefix fails the apply before it changes anything
+            except BaseException:
+                self.handler.close()
+                os.unlink(self.staged)
+                raise
+            self.uploader.start()
         log.addHandler(self.handler)
         log.setLevel(logging.DEBUG)
 
     def __exit__(self, *exc: object) -> None:
         log.removeHandler(self.handler)
+        self._close()
+
+    def _close(self) -> None:
         self.handler.close()
         if self.staged:
+            self.stop.set()
+            if self.uploader.is_alive():
+                self.uploader.join()
             try:
-                storage.put_file(self.staged, self.path)
+                self._store()
             finally:
-                if os.path.exists(self.staged):
-                    os.unlink(self.staged)
+                os.unlink(self.staged)
+
+    def _store(self) -> None:
+        """Store the staged log whole (one PUT) if it grew; whole records only, read under the handler's lock."""
+        with self.handler.lock:
+            if os.path.getsize(self.staged) == self.stored:
+                return
+            with open(self.staged, "rb") as fh:
+                data = fh.read()
+        storage.write_atomic(self.path, data)
+        self.stored = len(data)
+
+    def _store_periodically(self) -> None:
+        while not self.stop.wait(LOG_UPLOAD_S):
+            try:
+                self._store()
+            except StorageError as exc:  # a passing outage: the next round, or the final store, tries again
+                log.debug("cannot store the run log yet: %s", exc.render())
 
 
 def _write_run_summary(manifest: LoadedManifest, report: ApplyReport, parent_rss: int) -> None:

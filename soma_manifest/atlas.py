@@ -127,7 +127,14 @@ def _h5(path: str) -> Iterator[h5py.File]:
 
 
 def atlas_exists(uri: str) -> bool:
-    """Whether a complete atlas is at `uri`: creation writes its lineage last, so one without is partial."""
+    """Whether a complete atlas is at `uri`: creation writes its lineage last, so one without is partial.
+
+    On an object store the prefix is looked up first: tiledbsoma's `exists` answers False when it cannot
+    reach the store, and an unreachable store must be one error naming it, not an atlas to create.
+    """
+    loc = storage.Location(uri)
+    if loc.is_remote and not storage.exists(loc):
+        return False
     return soma.Experiment.exists(uri, context=_ctx()) and read_lineage(uri) is not None
 
 

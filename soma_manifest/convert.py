@@ -9,6 +9,7 @@ and an h5ad on S3 is written locally, then stored with one upload.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -219,7 +220,7 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
 
 def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, schema: AtlasSchema):
     path = schema.gene_list_path()
-    table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), sep="\t", header=None, dtype=str, comment="#")
     universe = table[0].to_numpy(dtype=object)
     universe_symbols = (table[1] if table.shape[1] > 1 else table[0]).to_numpy(dtype=object)
     position = pd.Index(universe).get_indexer(ids)

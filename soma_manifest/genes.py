@@ -15,16 +15,17 @@ import io
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from soma_manifest.errors import SchemaError, SourceError
+from soma_manifest import storage
+from soma_manifest.errors import SchemaError, SourceError, StorageError
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import GeneMapping
+from soma_manifest.storage import Location
 
 Unmapped = Literal["drop", "keep", "fail"]
 RULES = ("by_id", "by_alias_id", "by_symbol", "by_alias_symbol")
@@ -71,10 +72,10 @@ def schema_reference(schema: AtlasSchema) -> GeneReference | None:
 def load_reference(path: str, digest: str) -> GeneReference:
     """The reference at `path`, parsed once per process; `digest` (from the schema) must still match."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SchemaError(f"cannot read the gene reference: {exc.strerror}", where=path,
-                          hint="fix genes.reference in the schema") from None
+        data = storage.read_bytes(Location(path))
+    except StorageError as exc:
+        raise SchemaError(f"cannot read the gene reference: {exc.message.removeprefix('cannot read: ')}",
+                          where=path, hint="fix genes.reference in the schema") from None
     if hashlib.blake2b(data, digest_size=16).hexdigest() != digest:
         raise SchemaError("the gene reference changed while apply was running", where=path,
                           hint="run apply again")
@@ -212,12 +213,12 @@ def harmonize(reference: GeneReference, counts: sp.csr_matrix, ids: np.ndarray, 
     if n and ok.sum() < MIN_MAPPED * n:
         raise SourceError(
             f"sample {sample}: only {int(ok.sum())} of {n} features map onto the gene reference "
-            f"{Path(reference.path).name} (unmapped e.g. {', '.join(examples)})",
+            f"{Location(reference.path).name} (unmapped e.g. {', '.join(examples)})",
             hint=f"{likely_cause(ids, symbols)}; or fix genes.reference")
     if len(failed) and policy == "fail":
         raise SourceError(
             f"sample {sample}: {len(failed)} features do not map onto the gene reference "
-            f"{Path(reference.path).name}: {', '.join(examples)}",
+            f"{Location(reference.path).name}: {', '.join(examples)}",
             hint="add them to the reference (or as aliases), or set genes.unmapped to drop or keep")
     # Output columns: the sample's reference genes in reference order, then its kept features.
     targets = np.unique(mapped.rows[ok])

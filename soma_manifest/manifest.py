@@ -108,7 +108,8 @@ class Manifest(_Frozen):
 
     version: Literal[1] = Field(description="Manifest format version.")
     atlas: AtlasSpec
-    schema_: str = Field(alias="schema", description="Atlas schema file (see schemas/default.yaml).")
+    schema_: str = Field(alias="schema", description="Atlas schema file (see schemas/default.yaml): a local path or "
+                                                     "an s3:// URI; the files it names resolve against its folder.")
     storage: StorageSpec
     object_store: ObjectStoreSpec | None = Field(default=None, description="Settings used for s3:// paths.")
     processes: PositiveInt | None = Field(default=None, description="Default worker count for apply.")
@@ -137,7 +138,7 @@ class LoadedManifest(BaseModel):
     digest: str
     # Locations: local paths or s3:// URIs, path-like (`/`, `.name`, `.parent`, `str()`); I/O goes through storage.
     atlas_uri: Location
-    schema_path: Path
+    schema_path: Location
     raw: Location
     h5ad: Location
     logs: Location
@@ -193,9 +194,6 @@ def load_manifest(path: Path) -> LoadedManifest:
         spec = Manifest.model_validate(doc.data)
     except ValidationError as exc:
         raise ManifestError(pydantic_problems(doc, exc.errors())) from None
-    if spec.schema_.startswith("s3://"):
-        raise ManifestError([doc.problem(("schema",), "the schema file must be a local file for now "
-                                                      "(keep it next to the manifest, in version control)")])
     base = str(path.resolve().parent)
     atlas_root = storage.resolve(spec.atlas.storage, base)
     state = (storage.resolve(spec.storage.state, base) if spec.storage.state
@@ -205,7 +203,7 @@ def load_manifest(path: Path) -> LoadedManifest:
         spec=spec,
         digest=hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(),
         atlas_uri=atlas_root / spec.atlas.name,
-        schema_path=Path(storage.resolve(spec.schema_, base).uri),
+        schema_path=storage.resolve(spec.schema_, base),
         raw=storage.resolve(spec.storage.raw, base),
         h5ad=storage.resolve(spec.storage.h5ad, base),
         logs=storage.resolve(spec.storage.logs, base),

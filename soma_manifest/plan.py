@@ -219,7 +219,7 @@ def atlas_present(uri: Location) -> bool:
     return group and storage.is_dir(uri / "__meta")
 
 
-def check_structure(schema: AtlasSchema, state: State | None, schema_path: Path) -> None:
+def check_structure(schema: AtlasSchema, state: State | None, schema_path: Location) -> None:
     """A schema whose array layout differs from the atlas' cannot be applied in place."""
     if state is None or not state.structure or state.structure == schema.structure:
         return

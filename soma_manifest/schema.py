@@ -15,7 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from soma_manifest.errors import ManifestError, SchemaError
+from soma_manifest import storage
+from soma_manifest.errors import ManifestError, SchemaError, StorageError
+from soma_manifest.storage import Location
 from soma_manifest.yamlio import load_yaml, pydantic_problems
 
 ColumnType = Literal["string", "int32", "int64", "float32", "float64", "bool"]
@@ -150,7 +152,7 @@ class AtlasSchema(_Frozen):
     layers: tuple[Layer, ...] = (Layer(name="raw"),)
     genes: Genes = Genes()
     qc: QC = QC()
-    # Set by the loader: the folder relative gene-list paths resolve against, and its content.
+    # Set by the loader: where the schema is (its files resolve against its folder), and their content.
     source_path: str = Field(default="", exclude=True)
     gene_list_digest: str = Field(default="", exclude=True)
     gene_reference_digest: str = Field(default="", exclude=True)
@@ -209,26 +211,25 @@ class AtlasSchema(_Frozen):
             "measurement": [self.measurement],
         }
 
-    def gene_list_path(self) -> Path | None:
+    def gene_list_path(self) -> Location | None:
         return self._relative(self.genes.file)
 
-    def gene_reference_path(self) -> Path | None:
+    def gene_reference_path(self) -> Location | None:
         return self._relative(self.genes.reference)
 
-    def _relative(self, name: str | None) -> Path | None:
-        if name is None:
-            return None
-        path = Path(name)
-        return path if path.is_absolute() else Path(self.source_path).parent / path
+    def _relative(self, name: str | None) -> Location | None:
+        """A file the schema names: relative to the schema's folder (an s3:// prefix for a schema on S3)."""
+        return None if name is None else storage.resolve(name, Location(self.source_path).parent)
 
 
-def load_schema(path: Path) -> AtlasSchema:
-    """Parse and validate a schema file; every problem is reported with its line."""
-    doc = load_yaml(path)
+def load_schema(path: Path | Location) -> AtlasSchema:
+    """Parse and validate a schema file (local or s3://); every problem is reported with its line."""
+    loc = Location(path)
+    doc = load_yaml(loc)
     if not isinstance(doc.data, dict):
-        raise ManifestError([f"{path}:1: the schema must be a YAML mapping (see schemas/default.yaml)"])
+        raise ManifestError([f"{loc}:1: the schema must be a YAML mapping (see schemas/default.yaml)"])
     try:
-        schema = AtlasSchema.model_validate({**doc.data, "source_path": str(path)})
+        schema = AtlasSchema.model_validate({**doc.data, "source_path": loc.uri})
     except ValidationError as exc:
         raise ManifestError(pydantic_problems(doc, exc.errors())) from None
     digests = {}
@@ -237,10 +238,10 @@ def load_schema(path: Path) -> AtlasSchema:
                                     "reference")):
         if file is not None:
             try:
-                digests[field] = hashlib.blake2b(file.read_bytes(), digest_size=16).hexdigest()
-            except OSError as exc:
-                raise SchemaError(f"cannot read {what}: {exc.strerror}", where=file,
-                                  hint=f"fix genes.{key} in {path}") from None
+                digests[field] = hashlib.blake2b(storage.read_bytes(file), digest_size=16).hexdigest()
+            except StorageError as exc:
+                raise SchemaError(f"cannot read {what}: {exc.message.removeprefix('cannot read: ')}", where=file,
+                                  hint=f"fix genes.{key} in {loc}") from None
     return schema.model_copy(update=digests) if digests else schema
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import threading
@@ -28,11 +29,12 @@ from urllib.parse import urlparse
 from soma_manifest.errors import StorageError
 
 _S3 = "s3://"
-#: Seconds to wait for an S3 endpoint to accept a connection, and attempts per request: an
-#: unreachable endpoint fails well within 30 s instead of hanging.
+#: Seconds to wait for an S3 endpoint to accept a connection and to answer, and attempts per request
+#: (botocore's own retries, with backoff; throttling included). An endpoint that refuses, never accepts
+#: or never answers fails within about 30 s instead of hanging (tests/test_s3.py, black holes).
 CONNECT_TIMEOUT = 5
-READ_TIMEOUT = 20
-ATTEMPTS = 2
+READ_TIMEOUT = 8
+ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,18 @@ def _as_location(value: Location | str | os.PathLike[str]) -> Location:
     return value if type(value) is Location else Location(value)
 
 
-def resolve(value: str, base: str) -> Location:
-    """A manifest path: s3:// URIs as they are; local paths made absolute against `base`."""
+def resolve(value: str, base: str | Location) -> Location:
+    """A path as a manifest or schema writes it: s3:// URIs as they are, absolute local paths normalized, and
+    relative ones against the folder `base` (a local folder, or an s3:// prefix for a file kept on S3)."""
     if value.startswith(_S3):
         return Location(value)
     path = os.path.expanduser(value)
-    return Location(os.path.normpath(path) if os.path.isabs(path) else os.path.realpath(os.path.join(base, path)))
+    if os.path.isabs(path):
+        return Location(os.path.normpath(path))
+    base = str(base)
+    if base.startswith(_S3):
+        return Location(_S3 + posixpath.normpath(f"{base[len(_S3):]}/{path}"))
+    return Location(os.path.realpath(os.path.join(base, path)))
 
 
 # ---------------------------------------------------------------- errors
@@ -175,7 +183,7 @@ def _cause(exc: BaseException, loc: Location) -> tuple[str, str]:
     if isinstance(exc, bx.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         text = f"{code} {exc.response.get('Error', {}).get('Message', '')}"
-    if loc.is_remote and ("NoSuchBucket" in text or "bucket does not exist" in text):
+    if loc.is_remote and _no_bucket(text):
         return f"the bucket {_bucket_of(loc)} does not exist", "create the bucket, or fix the s3:// URI"
     if loc.is_remote and any(k in text for k in ("AccessDenied", "Access Denied", "Forbidden", "InvalidAccessKeyId",
                                                   "SignatureDoesNotMatch")) \
@@ -222,8 +230,16 @@ def guard(action: str, loc: Location) -> Iterator[None]:
 
 
 def _missing(exc: BaseException) -> bool:
-    """A missing object or file (not a missing bucket: that is an error)."""
-    return isinstance(exc, FileNotFoundError) and "bucket" not in str(exc).lower()
+    """A missing object or file (not a missing bucket: that is an error).
+
+    Matched on the service's wording, as `_cause` does: the message may hold the path, and a bucket may well
+    be named my-bucket.
+    """
+    return isinstance(exc, FileNotFoundError) and not _no_bucket(str(exc))
+
+
+def _no_bucket(text: str) -> bool:
+    return "NoSuchBucket" in text or "bucket does not exist" in text
 
 
 # ---------------------------------------------------------------- S3 plumbing
@@ -244,10 +260,18 @@ def _fs():
                 endpoint_url=_settings.endpoint(), client_kwargs=client, skip_instance_cache=True,
                 use_listings_cache=False,
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
-                               "retries": {"max_attempts": ATTEMPTS, "mode": "standard"}})
-            fs.retries = ATTEMPTS  # s3fs' own retry loop, on top of botocore's
+                               "retries": {"total_max_attempts": ATTEMPTS, "mode": "standard"}})
+            fs.retries = 1  # s3fs' own retry loop would multiply botocore's attempts (and their timeouts)
+            fs.connect()
+            fs.s3.meta.events.register("before-send.s3", _no_expect_continue)
             _fs_cache[key] = fs
         return fs
+
+
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    """Drop botocore's `Expect: 100-continue` from PUTs: aiohttp waits for the 100 without any timeout, so a
+    PUT to an endpoint that accepts connections and never answers would hang for good."""
+    request.headers.pop("Expect", None)
 
 
 def _key(loc: Location) -> str:
@@ -487,6 +511,21 @@ def mkdir(loc: Location) -> None:
     if not loc.is_remote:
         with guard("create the folder", loc):
             os.makedirs(loc.uri, exist_ok=True)
+
+
+def check_writable(loc: Location) -> None:
+    """Fail now, naming the folder, if files cannot be created in this local folder (a read-only mount,
+    a full disk); object stores answer per request."""
+    loc = _as_location(loc)
+    if loc.is_remote:
+        return
+    with guard("write in the folder", loc):
+        folder = loc.uri
+        while not os.path.isdir(folder):  # its nearest existing ancestor: nothing is created before it is needed
+            folder = os.path.dirname(folder)
+        fd, probe = tempfile.mkstemp(prefix=".soma-manifest-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def write_atomic(loc: Location, data: bytes, *, backup: Location | None = None) -> None:

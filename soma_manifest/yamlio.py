@@ -9,13 +9,15 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from soma_manifest.errors import ManifestError
+from soma_manifest import storage
+from soma_manifest.errors import ManifestError, StorageError
+from soma_manifest.storage import Location
 
 
 class LocatedYaml:
     """A parsed YAML document as plain Python data, plus the line of every key and item."""
 
-    def __init__(self, path: Path, root: Any) -> None:
+    def __init__(self, path: Path | Location, root: Any) -> None:
         self.path = path
         self._root = root
         self.data = _plain(root)
@@ -41,13 +43,18 @@ class LocatedYaml:
         return f"{prefix}: {dotted}: {message}" if dotted else f"{prefix}: {message}"
 
 
-def load_yaml(path: Path) -> LocatedYaml:
-    """Parse `path`; a missing file or a YAML syntax error becomes a ManifestError with its line."""
+def load_yaml(path: Path | Location) -> LocatedYaml:
+    """Parse `path` (a local file or an s3:// object); a missing file or a YAML syntax error becomes a
+    ManifestError with its line."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError([f"{path}: file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+        data = storage.read_bytes(Location(path), missing_ok=True)
+    except StorageError as exc:
+        raise ManifestError([f"{path}: {exc.message} ({exc.hint})"]) from None
+    if data is None:
+        raise ManifestError([f"{path}: file not found"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ManifestError([f"{path}: cannot read: {exc}"]) from None
     try:
         root = YAML(typ="rt").load(text)

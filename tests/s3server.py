@@ -31,7 +31,7 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
 
     def new_bucket(self) -> str:
-        name = f"test-{uuid.uuid4().hex[:12]}"
+        name = f"my-bucket-{uuid.uuid4().hex[:12]}"  # "bucket" in the name, as in real ones
         self.client().create_bucket(Bucket=name)
         return name
 
@@ -90,6 +90,35 @@ def moto_server(log: Path | None = None) -> Iterator[S3Server]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def black_hole(*, accepts: bool) -> Iterator[str]:
+    """An endpoint on loopback that never answers: with `accepts`, the kernel completes every connection
+    (its backlog is long, nobody reads); without, the backlog is full, so a new connection is never accepted
+    (Linux drops the handshake's SYN and the client waits)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128 if accepts else 0)
+    fillers = []
+    try:
+        if not accepts:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(server.getsockname())
+                fillers.append(filler)
+            with socket.socket() as probe:
+                probe.settimeout(1)
+                try:
+                    probe.connect(server.getsockname())
+                    pytest.skip("cannot fill a listening socket's backlog here")
+                except TimeoutError:
+                    pass
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        for sock in (*fillers, server):
+            sock.close()
 
 
 @pytest.fixture(scope="session")

@@ -71,5 +71,5 @@ def test_an_unreadable_gene_list_names_the_schema_and_the_manifest_line(project:
     project.write_manifest(schema=schema)
     result = invoke_cli("plan", project.manifest)
     assert result.returncode == 1
-    assert (f"{project.manifest}:5: schema: {project.root / 'genes.tsv'}: cannot read the fixed gene list: No such "
-            f"file or directory (fix genes.file in {schema})") in result.stderr
+    assert (f"{project.manifest}:5: schema: {project.root / 'genes.tsv'}: cannot read the fixed gene list: not found "
+            f"(fix genes.file in {schema})") in result.stderr

@@ -4,9 +4,14 @@ against a real S3 service (moto's server on loopback, tests/s3server.py)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from conftest import (
     DEFAULT_SCHEMA,
     Project,
     assert_converged,
+    genes,
     invoke_cli,
     make_sample,
     run_cli,
@@ -25,8 +31,10 @@ from conftest import (
     start_cli,
 )
 from roundtrip import assert_counts_equal, read_sample_as_user
-from s3server import CREDENTIALS, S3Server
+from test_refusals import snapshot
+from s3server import CREDENTIALS, S3Server, black_hole
 from soma_manifest.faults import ENV as CRASH_AT
+from soma_manifest.faults import PAUSE_ENV
 from soma_manifest.lock import Holder
 
 
@@ -50,7 +58,8 @@ class S3Project(Project):
     def state_path(self) -> str:  # type: ignore[override]
         return f"{self.where('atlases')}/atlas.state.json"
 
-    def write_manifest(self, studies: str | None = None, schema: Path = DEFAULT_SCHEMA, extra: str = "") -> Path:
+    def write_manifest(self, studies: str | None = None, schema: Path | str = DEFAULT_SCHEMA,
+                       extra: str = "") -> Path:
         names = sorted({k.split("/")[0] for k in self.samples})
         studies = studies or "".join(f"  - name: {n}\n" for n in names)
         self.manifest.write_text(
@@ -197,6 +206,100 @@ def test_kill_on_s3_converges(s3_project: S3Project, point: str) -> None:
     assert_converged(s3_project)
 
 
+def _put(p: S3Project, key: str, body: str) -> None:
+    p.server.client().put_object(Bucket=p.bucket, Key=key, Body=body.encode())
+
+
+def test_schema_and_gene_reference_on_s3(s3_project: S3Project) -> None:
+    """A schema kept on S3, with a gene reference next to it named relative to it: plan, apply, round trip;
+    a saved plan goes stale when the schema or the reference on S3 changes."""
+    p = s3_project
+    ids, symbols = genes(60)
+    reference = "id\tsymbol\n" + "".join(f"{i}\t{s}\n" for i, s in zip(ids, symbols))
+    text = DEFAULT_SCHEMA.read_text().replace("universe: union", "universe: union\n  reference: ../refs/genes.tsv")
+    _put(p, "config/refs/genes.tsv", reference)
+    _put(p, "config/schemas/atlas.yaml", text)
+    p.write_manifest(schema=f"s3://{p.bucket}/config/schemas/atlas.yaml")
+    _apply(p)
+    assert_converged(p)
+    state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"].read())
+    assert all(s["gene_mapping"] for s in state["samples"].values()), "the reference on S3 was not used"
+
+    p.add_mtx("study_b", "s2", make_sample(20, 25, seed=7, gene_offset=30))
+    p.upload()
+    saved = invoke_cli("plan", p.manifest, "--out", p.root / "plan.json")
+    assert saved.returncode == 0, saved.stderr
+    for key, changed in (("config/refs/genes.tsv", reference + "ENSG99999999999\tEXTRA\n"),
+                         ("config/schemas/atlas.yaml", text.replace('"MT-"', '"MT-", "MTRNR"'))):
+        original = reference if key.endswith(".tsv") else text
+        _put(p, key, changed)
+        stale = invoke_cli("apply", p.root / "plan.json")
+        assert stale.returncode == 1 and "stale: the schema changed" in stale.stderr, stale.stderr
+        assert f"s3://{p.bucket}/config/schemas/atlas.yaml" in stale.stderr
+        _put(p, key, original)
+    _apply_saved = invoke_cli("apply", p.root / "plan.json")
+    assert _apply_saved.returncode == 0, _apply_saved.stderr
+    assert_converged(p)
+
+
+def test_a_broken_schema_on_s3_is_one_error_naming_its_uri_and_line(s3_project: S3Project) -> None:
+    p = s3_project
+    uri = f"s3://{p.bucket}/schemas/atlas.yaml"
+    text = DEFAULT_SCHEMA.read_text()
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "source: barcode" in row)
+    _put(p, "schemas/atlas.yaml", text.replace("source: barcode", "source: barcodes"))
+    p.write_manifest(schema=uri)
+    _assert_one_clean_error(invoke_cli("plan", p.manifest), f"{p.manifest}:5: schema: {uri}:{line}: obs.")
+
+    p.write_manifest(schema=f"s3://{p.bucket}/schemas/missing.yaml")
+    _assert_one_clean_error(invoke_cli("apply", p.manifest), f"s3://{p.bucket}/schemas/missing.yaml: file not found")
+    assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
+
+
+def _run_logs(p: S3Project) -> dict[str, str]:
+    client = p.server.client()
+    return {k: client.get_object(Bucket=p.bucket, Key=k)["Body"].read().decode()
+            for k in p.objects() if k.startswith("logs/apply-")}
+
+
+def test_a_killed_apply_leaves_its_run_log_on_s3(s3_project: S3Project, tmp_path: Path) -> None:
+    """The run log on S3 is stored while apply runs, not only at its end: an apply held at its first ingest
+    stores the log of its conversions, and once killed with -9 (at mid_ingest) that log stays."""
+    p = s3_project
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    (pause / "armed").touch()
+    run = start_cli("apply", p.manifest, "--processes", "1",
+                    env={CRASH_AT: "mid_ingest", PAUSE_ENV: f"ingest_start:{pause}"})
+    try:
+        deadline = time.monotonic() + 120
+        while not any(pause.glob("paused-*")):
+            assert run.proc.poll() is None and time.monotonic() < deadline, "the apply never reached an ingest"
+            time.sleep(0.1)
+        state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"]
+                           .read())
+        converted = [k for k, s in state["samples"].items() if s["h5ad"]]
+        assert converted, "no sample was converted before the first ingest"
+        logs: dict[str, str] = {}
+        while not (logs and all(f"{k}: converted" in text for k in converted for text in logs.values())):
+            assert time.monotonic() < deadline, f"the run log on S3 never named {converted}: {logs}"
+            time.sleep(0.2)
+            logs = _run_logs(p)
+        (pause / "armed").unlink()
+        (pause / "release").touch()
+        assert run.wait().returncode == -signal.SIGKILL
+    finally:
+        run.kill_session()
+    [(key, text)] = _run_logs(p).items()
+    assert f"apply {p.manifest}" in text and all(f"{k}: converted" in text for k in converted), text
+
+    state = json.loads(p.server.client().get_object(Bucket=p.bucket, Key="atlases/atlas.state.json")["Body"].read())
+    left = [k for k, s in state["samples"].items() if s["ingest"] != "done"]
+    _apply(p)  # its log is stored in full when it ends
+    [finished] = [text for k, text in _run_logs(p).items() if k != key]
+    assert left and all(f"{k}: ingest done" in finished for k in left), finished
+
+
 def _lock_object(p: S3Project, *, expires: float, host: str = "build-7.example") -> Holder:
     holder = Holder(4242, host, "2026-01-02T03:04:05+00:00", "soma-manifest apply elsewhere.yaml", 1.0,
                     "e" * 32, expires)
@@ -282,19 +385,93 @@ def test_bad_s3_inputs_fail_clearly_and_write_nothing(s3_project: S3Project, s3_
     assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for k in p.objects()), "a failed command wrote"
 
 
-@pytest.fixture
-def full_disk(tmp_path: Path):
-    """A tiny tmpfs, filled up: every write to it fails with ENOSPC."""
-    import os
-    import subprocess
+def _open_atlas_via_tiledb(p: S3Project, endpoints: tuple[str, ...], outcome: dict) -> None:
+    """TileDB's own timeouts (storage.tiledb_config): opening the atlas fails, per endpoint its seconds."""
+    import tiledbsoma
 
-    mount = tmp_path / "full"
+    from soma_manifest import storage
+
+    for endpoint in endpoints:
+        storage.configure(storage.StoreSettings(endpoint, "us-east-1"))
+        started = time.monotonic()
+        try:
+            tiledbsoma.Experiment.open(f"s3://{p.bucket}/atlases/atlas", context=storage.tiledb_context())
+            outcome[endpoint] = AssertionError("TileDB opened an atlas at a black hole")
+        except tiledbsoma.SOMAError as exc:
+            outcome[endpoint] = time.monotonic() - started if "Timeout was reached" in str(exc) else exc
+
+
+def test_a_black_holed_endpoint_fails_in_time_naming_it(tmp_path: Path, s3_server: S3Server) -> None:
+    """plan and apply against an endpoint that accepts connections and never answers, and against one that
+    never accepts them: one error naming the endpoint, well before any hang, nothing written. With everything
+    on S3 the first request is s3fs'; with only the atlas there (state, lock, logs local) it is the atlas'
+    lookup, which must not take an unreachable store for a missing atlas. TileDB's own timeouts too."""
+    everything = _project(tmp_path / "all", s3_server)
+    atlas_only = _project(tmp_path / "atlas", s3_server, local=("raw", "h5ads", "logs"))
+    atlas_only.manifest.write_text(atlas_only.manifest.read_text().replace(
+        "  logs:", f"  state: {atlas_only.root / 'atlas.state.json'}\n  logs:"))
+    texts = {p.root.name: p.manifest.read_text() for p in (everything, atlas_only)}
+    before = snapshot(atlas_only.root)
+    with black_hole(accepts=True) as answers_never, black_hole(accepts=False) as accepts_never:
+        runs = {}
+        for endpoint in (answers_never, accepts_never):
+            port = endpoint.rsplit(":", 1)[1]
+            for p in (everything, atlas_only):
+                manifest = p.root / f"{port}.yaml"
+                manifest.write_text(texts[p.root.name].replace(s3_server.endpoint, endpoint)
+                                    .replace("atlas.state.json", f"{port}.state.json"))
+                for command in ("plan", "apply"):
+                    runs[(command, p.root.name, endpoint)] = start_cli(command, manifest)
+        tiledb: dict[str, float | BaseException] = {}
+        probe = threading.Thread(target=_open_atlas_via_tiledb, args=(everything, (answers_never, accepts_never),
+                                                                     tiledb))
+        started = time.monotonic()
+        probe.start()
+        took = {}
+        try:
+            while len(took) < len(runs):
+                assert time.monotonic() - started < 90, f"still running: {set(runs) - set(took)}"  # bound ~30 s
+                took.update({k: time.monotonic() - started for k, run in runs.items()
+                             if k not in took and run.proc.poll() is not None})
+                time.sleep(0.1)
+            for key, run in runs.items():
+                print(f"{' '.join(key)}: {took[key]:.1f} s")
+                _assert_one_clean_error(run.wait(), f"cannot reach the S3 endpoint {key[2]}")
+        finally:
+            for run in runs.values():
+                run.kill_session()
+            probe.join()
+        for endpoint, outcome in tiledb.items():
+            print(f"TileDB open {endpoint}: {outcome}")
+            assert isinstance(outcome, float) and outcome < 90, outcome
+    for p in (everything, atlas_only):
+        for name in p.root.glob("*.yaml"):
+            if name != p.manifest:
+                name.unlink()
+    assert snapshot(atlas_only.root) == before, "a failed command wrote a local file"
+    assert not any(k.startswith(("atlases/", "h5ads/", "logs/")) for p in (everything, atlas_only)
+                   for k in p.objects()), "a failed command wrote"
+
+
+@contextmanager
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `mount` (root ignores file modes, not a mount's limits); skips where
+    mounting is not permitted."""
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tiny tmpfs, filled up: every write to it fails with ENOSPC."""
+    with _tmpfs(tmp_path / "full", "64k") as mount:
         (mount / "atlases").mkdir()
         try:
             with open(mount / "filler", "wb", buffering=0) as fh:
@@ -303,8 +480,6 @@ def full_disk(tmp_path: Path):
         except OSError:
             pass
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None:
@@ -313,6 +488,34 @@ def test_disk_full_is_one_clear_error(project: Project, full_disk: Path) -> None
     project.manifest.write_text(text)
     result = invoke_cli("apply", project.manifest)
     _assert_one_clean_error(result, str(full_disk / "atlases" / "atlas.state.json.lock"), "disk full")
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding empty atlas, state, h5ad and logs folders, remounted read-only: every write fails
+    with EROFS."""
+    with _tmpfs(tmp_path / "ro", "1m") as mount:
+        for name in ("storage", "state", "h5ad", "logs"):
+            (mount / name).mkdir()
+        if subprocess.run(["mount", "-o", "remount,ro", str(mount)]).returncode != 0:
+            pytest.skip("cannot remount a tmpfs read-only here")
+        yield mount
+
+
+@pytest.mark.parametrize("key", ["atlas.storage", "storage.state", "storage.h5ad", "storage.logs"])
+def test_a_read_only_filesystem_is_one_clear_error(project: Project, read_only_mount: Path, key: str) -> None:
+    """A folder of the manifest on a read-only mount: one error naming the path; nothing else changed."""
+    where = read_only_mount / key.split(".")[1]
+    text = project.manifest.read_text()
+    if key == "storage.state":
+        text = text.replace("  logs: logs\n", f"  logs: logs\n  state: {where / 'atlas.state.json'}\n")
+    else:
+        old = {"atlas.storage": "storage: atlases", "storage.h5ad": "h5ad: h5ads", "storage.logs": "logs: logs"}[key]
+        text = text.replace(old, f"{old.split(':')[0]}: {where}")
+    project.manifest.write_text(text)
+    before = snapshot(project.root)
+    _assert_one_clean_error(invoke_cli("apply", project.manifest), str(where), "read-only filesystem")
+    assert snapshot(project.root) == before
 
 
 def test_running_apply_renews_its_lease(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
