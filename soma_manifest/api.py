@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import tiledbsoma
 
-    from soma_manifest.apply import ApplyReport, Interrupt, Reporter
+    from soma_manifest.apply import ApplyReport, Reporter
+    from soma_manifest.interrupt import Interrupt
     from soma_manifest.executors import ExecutorConfig
     from soma_manifest.compact import CompactReport
 

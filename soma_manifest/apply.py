@@ -23,6 +23,7 @@ from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.errors import AtlasError, PlanError, StateError, StorageError
 from soma_manifest.executors import ExecutorConfig, StepExecutor, start_executor
 from soma_manifest.faults import crash_point
+from soma_manifest.interrupt import Interrupt
 from soma_manifest.lock import Lease
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.plan import Action, Observations, Plan
@@ -75,14 +76,6 @@ class ApplyReport:
     @property
     def ok(self) -> bool:
         return not self.failed and not self.verify_problems
-
-
-@dataclass
-class Interrupt:
-    """Set by the CLI's signal handler: the signal received, or None. apply polls it between steps."""
-
-    signum: int | None = None
-    lock: object | None = None  # the AtlasLock apply holds: a second signal releases it before exiting
 
 
 @dataclass
@@ -578,9 +571,9 @@ def _quick_verify(run: Run) -> None:
     touched = [k for k in run.report.succeeded
                if k in run.state.samples and run.state.samples[k].ingest == "done"]
     unread = [k for k in touched if k not in run.read_back]
-    for key, got in zip(unread, atlas.range_stats(run.uri, run.schema,
-                                                  [run.state.samples[k].joinids for k in unread])):
-        run.read_back[key] = got
+    if unread:  # opening the arrays alone took 0.65 s on the S3 emulator
+        stats = atlas.range_stats(run.uri, run.schema, [run.state.samples[k].joinids for k in unread])
+        run.read_back.update(zip(unread, stats))
     for key in touched:
         entry, got = run.state.samples[key], run.read_back[key]
         start, stop = entry.joinids

@@ -331,7 +331,7 @@ def _interruptible() -> Iterator[object]:
     releasing the lock."""
     import signal
 
-    from soma_manifest.apply import Interrupt
+    from soma_manifest.interrupt import Interrupt
 
     interrupt = Interrupt()
 
