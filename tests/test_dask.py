@@ -134,8 +134,11 @@ def test_round_trip_and_an_add_on_s3_equal_loky(project: Project, tmp_path: Path
     assert_converged(s3)
 
 
-def test_changes_on_a_cluster(project: Project, dask_cluster: DaskCluster) -> None:
-    """No-op, add, replace, update, removal and a saved plan, all through the executor block of the manifest."""
+@pytest.mark.parametrize("store_project", ["local", "s3"], indirect=True)
+def test_changes_on_a_cluster(store_project: Project, dask_cluster: DaskCluster) -> None:
+    """No-op, add, replace, update, removal and a saved plan, all through the executor block of the manifest;
+    on local paths and with everything in a bucket."""
+    project = store_project
     project.write_manifest(extra=f"executor:\n  kind: dask\n  address: {dask_cluster.address}\n")
     apply_ok(project)
     assert_converged(project)
@@ -143,20 +146,39 @@ def test_changes_on_a_cluster(project: Project, dask_cluster: DaskCluster) -> No
     project.add_mtx("study_b", "s2", make_sample(25, 20, seed=12, gene_offset=40))  # add
     project.add_mtx("study_a", "s1", make_sample(45, 30, seed=11))  # replace
     set_cell_type(project, "study_b/s1", "NK cell")  # update
-    shutil.rmtree(project.raw / "study_a" / "mtx" / "s2")  # remove
-    del project.samples["study_a/s2"]
+    remove_raw_sample(project, "study_a", "s2")  # remove
     saved = project.root / "plan.json"
     assert invoke_cli("plan", project.manifest, "--out", saved).returncode == 0
     result = invoke_cli("apply", saved, "--allow-delete")
     assert result.returncode == 0, result.stderr
-    assert "executor dask at " + dask_cluster.address in Path(read_log(project)).read_text()
+    assert "executor dask at " + dask_cluster.address in read_text(project, read_log(project))
     assert_converged(project, {"study_b/s1": "NK cell"})
+
+
+def remove_raw_sample(project: Project, study: str, sample: str) -> None:
+    """Delete a sample's raw folder (and its objects, for a project in a bucket); upload the other changes."""
+    shutil.rmtree(project.raw / study / "mtx" / sample)
+    del project.samples[f"{study}/{sample}"]
+    if isinstance(project, S3Project):
+        client = project.server.client()
+        for key in project.server.keys(project.bucket, f"raw/{study}/mtx/{sample}/"):
+            client.delete_object(Bucket=project.bucket, Key=key)
+        project.upload()
+
+
+def read_text(project: Project, path: str) -> str:
+    """A file of the project, local or in its bucket."""
+    if path.startswith("s3://"):
+        bucket, key = path.removeprefix("s3://").split("/", 1)
+        return project.server.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return Path(path).read_text()
 
 
 def read_log(project: Project) -> str:
     import json
 
-    return json.loads((project.root / "logs" / "last-apply.json").read_text())["log_file"]
+    logs = f"s3://{project.bucket}/logs" if isinstance(project, S3Project) else str(project.root / "logs")
+    return json.loads(read_text(project, f"{logs}/last-apply.json"))["log_file"]
 
 
 def test_local_cluster_when_no_address_is_given(project: Project) -> None:
