@@ -24,8 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from generate import Preset, generate  # noqa: E402
-from incremental import CLI, apply  # noqa: E402
+from incremental import CLI, apply, prepare  # noqa: E402
 from query_cost import measure  # noqa: E402
 
 
@@ -65,20 +64,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "compaction")
     args = parser.parse_args()
     out = args.out.resolve()
-    base_data, new_data = out / "base_data", out / "new_data"
-    if not (base_data / "generated.json").exists():
-        generate(base_data, Preset("base", args.base_samples, args.base_cells, 20_000, 30), seed=0)
-    if not (new_data / "generated.json").exists():
-        generate(new_data, Preset("new", 2, args.new_cells, 20_000, 1_450), seed=7)
-    raw = out / "raw"
-    if raw.exists():
-        shutil.rmtree(raw)
-    shutil.copytree(base_data / "raw", raw)
-    (raw / "incoming" / "mtx").mkdir(parents=True)
-    for i, sample in enumerate(sorted((new_data / "raw").glob("*/mtx/*"))):
-        shutil.copytree(sample, raw / "incoming" / "mtx" / f"new_{i}")
+    raw, base_data = prepare(out, args.base_samples, args.base_cells, new_samples=2, new_cells=args.new_cells)
     base = {study.name: sorted(p.name for p in (study / "mtx").iterdir())
-            for study in sorted((base_data / "raw").iterdir()) if (study / "mtx").is_dir()}
+            for study in sorted(base_data.iterdir()) if (study / "mtx").is_dir()}
 
     empty = out / "empty_atlas"
     shutil.rmtree(empty, ignore_errors=True)

@@ -42,6 +42,25 @@ def apply(path: Path) -> dict:
     return report | {"wall_seconds": time.perf_counter() - start}
 
 
+def prepare(out: Path, base_samples: int, base_cells: int, *, new_samples: int, new_cells: int) -> tuple[Path, Path]:
+    """The base data (base_samples x base_cells, ~30 genes per cell) and the new samples (the full preset's
+    shape), generated once under `out`; then `out/raw`: the base's studies plus study `incoming` with the new
+    samples as new_0, new_1, ... Returns that raw folder and the base's own raw folder."""
+    base_data, new_data = out / "base_data", out / "new_data"
+    if not (base_data / "generated.json").exists():
+        generate(base_data, Preset("base", base_samples, base_cells, 20_000, 30), seed=0)
+    if not (new_data / "generated.json").exists():
+        generate(new_data, Preset("new", new_samples, new_cells, 20_000, 1_450), seed=7)
+    raw = out / "raw"
+    if raw.exists():
+        shutil.rmtree(raw)
+    shutil.copytree(base_data / "raw", raw)
+    (raw / "incoming" / "mtx").mkdir(parents=True)
+    for i, sample in enumerate(sorted((new_data / "raw").glob("*/mtx/*"))):
+        shutil.copytree(sample, raw / "incoming" / "mtx" / f"new_{i}")
+    return raw, base_data / "raw"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-samples", type=int, default=100)
@@ -49,19 +68,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "incremental")
     args = parser.parse_args()
     out = args.out.resolve()
-    base_data, new_data = out / "base_data", out / "new_data"
-    if not (base_data / "generated.json").exists():
-        generate(base_data, Preset("base", args.base_samples, args.base_cells, 20_000, 30), seed=0)
-    if not (new_data / "generated.json").exists():
-        generate(new_data, Preset("new", 1, 5_000, 20_000, 1_450), seed=7)
-    raw = out / "raw"
-    if raw.exists():
-        shutil.rmtree(raw)
-    shutil.copytree(base_data / "raw", raw)
-    (raw / "incoming" / "mtx").mkdir(parents=True)
-    new_sample = next((new_data / "raw").glob("*/mtx/*"))
-    shutil.copytree(new_sample, raw / "incoming" / "mtx" / "new_sample")
-    base_studies = sorted(p.name for p in (base_data / "raw").iterdir())
+    raw, base_data = prepare(out, args.base_samples, args.base_cells, new_samples=1, new_cells=5_000)
+    base_studies = sorted(p.name for p in base_data.iterdir())
 
     rows = []
     for name, setup in (("empty atlas", []), ("~1M-cell atlas", base_studies)):
