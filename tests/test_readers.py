@@ -111,6 +111,24 @@ def test_chr21_mtx_matches_an_independent_parse(chr21: RawCounts) -> None:
     assert chr21.cell_annotations is None
 
 
+def test_mtx_entries_in_any_order_read_the_same(tmp_path: Path, chr21: RawCounts) -> None:
+    """Cell Ranger's order (cell by cell, features ascending) is read without scipy's conversion; any
+    other order, split duplicates and explicit zeros give the same canonical matrix."""
+    lines = gzip.open(CHR21_MTX / "matrix.mtx.gz", "rt").read().splitlines()
+    size = next(i for i, line in enumerate(lines) if not line.startswith("%"))
+    entries = lines[size + 1:]
+    gene, cell, value = entries[0].split()
+    extra = [f"{gene} {cell} 1", f"{gene} {cell} {int(value) - 1}", "1 1 0"]  # split first entry, a zero
+    shuffled = [e for e in np.random.default_rng(0).permutation(entries[1:])] + extra
+    folder = tmp_path / "shuffled"
+    shutil.copytree(CHR21_MTX, folder)
+    with gzip.open(folder / "matrix.mtx.gz", "wt") as fh:
+        fh.write("\n".join([*lines[:size], f"507 1107 {len(shuffled)}", *shuffled]) + "\n")
+    shuffled_read = read_mtx_dir(folder)
+    assert_canonical(shuffled_read)
+    assert_same(shuffled_read, chr21)
+
+
 def test_chr21_h5_equals_mtx_element_for_element(chr21: RawCounts) -> None:
     from_h5 = read_10x_h5(CHR21_H5)
     assert_canonical(from_h5)
