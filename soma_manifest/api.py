@@ -40,6 +40,21 @@ def load(path: str | os.PathLike[str]) -> Atlas:
         return Atlas(manifest, load_schema(manifest.schema_path))
 
 
+def dedicate_process() -> None:
+    """Declare that this process runs soma-manifest only, as the command line does: an apply on local
+    workers then also keeps Dask (which anndata imports when installed, ~0.5 s) out of this process."""
+    from soma_manifest.executors import dedicate_process
+
+    dedicate_process()
+
+
+def stop_workers() -> None:
+    """Stop the local worker processes that applies in this process keep for the next one."""
+    from soma_manifest.executors import stop_local_workers
+
+    stop_local_workers()
+
+
 @dataclass(frozen=True)
 class Atlas:
     """One atlas: the manifest (desired state), its schema, and the state file (what was done)."""

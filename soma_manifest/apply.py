@@ -506,9 +506,11 @@ class _Pipeline:
                 entry.atlas_cells, entry.atlas_nnz = entry.cells, entry.nnz
             entry.atlas_meta_digest = entry.meta_digest
             entry.failed_step = entry.error = None
-            run.read_back[outcome.key] = outcome.value
+            ingested = outcome.step == "ingest"
+            run.read_back[outcome.key] = outcome.value.stats if ingested else outcome.value
             run.report.succeeded.append(outcome.key)
-            log.info("%s: %s done (%.1fs)", outcome.key, outcome.step, outcome.seconds)
+            log.info("%s: %s done (%.1fs%s)", outcome.key, outcome.step, outcome.seconds,
+                     ", from memory" if ingested and outcome.value.from_memory else "")
         run.save()
         self.writing -= 1
         self.ingests_finished += 1

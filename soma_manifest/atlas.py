@@ -19,10 +19,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anndata
 import anndata.io
@@ -390,30 +391,51 @@ def _df_size(df: soma.DataFrame) -> int:
 
 @dataclass(frozen=True)
 class _Sample:
-    """An intermediate h5ad: obs and var in memory; X stays on disk."""
+    """A converted sample: obs and var in memory; X's data and indices (sliced per chunk) in memory, or
+    still in its h5ad while that is open."""
 
-    path: str
+    path: str  # its h5ad, for messages
     obs: pd.DataFrame
     var: pd.DataFrame
     indptr: np.ndarray
+    x: Mapping[str, Any]  # "data" and "indices": numpy arrays or h5py datasets
+    measured: np.ndarray | None  # positions in var of the genes it measured (None: all of them)
+
+    @property
+    def measured_genes(self) -> pd.Index:
+        return self.var.index if self.measured is None else self.var.index[self.measured]
 
 
-def _read_sample_frames(path: str, schema: AtlasSchema) -> _Sample:
+def _read_sample(f: h5py.File, path: str, schema: AtlasSchema) -> _Sample:
+    """The sample of an open intermediate h5ad (X stays in the file)."""
     try:
-        with _h5(path) as f:
-            obs = anndata.io.read_elem(f["obs"])
-            var = anndata.io.read_elem(f["var"])
-            x = f["X"]
-            if x.attrs.get("encoding-type") != "csr_matrix" or tuple(x.attrs["shape"]) != (len(obs), len(var)):
-                raise SourceError("X is not a CSR matrix of obs x var", where=path, hint="re-run the convert step")
-            indptr = x["indptr"][:]
+        obs = anndata.io.read_elem(f["obs"])
+        var = anndata.io.read_elem(f["var"])
+        x = f["X"]
+        if x.attrs.get("encoding-type") != "csr_matrix" or tuple(x.attrs["shape"]) != (len(obs), len(var)):
+            raise SourceError("X is not a CSR matrix of obs x var", where=path, hint="re-run the convert step")
+        indptr = x["indptr"][:]
+        measured = f.get("uns/soma_manifest/measured")
+        measured = measured[:] if measured is not None else None
     except (OSError, KeyError) as exc:
         raise SourceError(f"unreadable intermediate h5ad: {exc}", where=path, hint="re-run the convert step") from None
+    return _checked(_Sample(path, obs, var, indptr, x, measured), schema)
+
+
+def _sample_in_memory(path: str, adata: anndata.AnnData, schema: AtlasSchema) -> _Sample:
+    """The sample as the worker that converted it still holds it (what it wrote to `path`)."""
+    x = adata.X
+    measured = adata.uns.get("soma_manifest", {}).get("measured")
+    return _checked(_Sample(path, adata.obs, adata.var, x.indptr, {"data": x.data, "indices": x.indices},
+                            None if measured is None else np.asarray(measured)), schema)
+
+
+def _checked(sample: _Sample, schema: AtlasSchema) -> _Sample:
     expected = [c.name for c in schema.obs]
-    if list(obs.columns) != expected:
-        raise SourceError(f"obs columns {list(obs.columns)} differ from the schema's {expected}", where=path,
-                          hint="re-run the convert step")
-    return _Sample(path, obs, var, indptr)
+    if list(sample.obs.columns) != expected:
+        raise SourceError(f"obs columns {list(sample.obs.columns)} differ from the schema's {expected}",
+                          where=sample.path, hint="re-run the convert step")
+    return sample
 
 
 def _obs_table(sample: _Sample, schema: AtlasSchema, start: int) -> pa.Table:
@@ -431,7 +453,15 @@ def _no_fence() -> None: ...
 
 def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000,
                 fence: Callable[[], None] = _no_fence, var_ids: pd.Series | None = None) -> IngestStats:
-    """Write the h5ad's cells at soma_joinids [start, start+n): obs, then every X layer.
+    """Write the h5ad's cells at soma_joinids [start, start+n): obs, then every X layer (see _ingest)."""
+    with _h5(h5ad) as f:
+        return _ingest(uri, schema, _read_sample(f, h5ad, schema), start, chunk_nnz=chunk_nnz, fence=fence,
+                       var_ids=var_ids)
+
+
+def _ingest(uri: str, schema: AtlasSchema, sample: _Sample, start: int, *, chunk_nnz: int,
+            fence: Callable[[], None], var_ids: pd.Series | None) -> IngestStats:
+    """Write the sample's cells at soma_joinids [start, start+n): obs, then every X layer.
 
     Cell-optimized layers are written from row chunks, gene-optimized ones from column chunks
     of the same counts, each in its layer's global order without a sort. Derived layers are
@@ -444,7 +474,6 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     deletes this range (it is still "allocated" in the state) at a later time, which hides the stamped
     writes however late they land. See README, "Running on a cluster".
     """
-    sample = _read_sample_frames(h5ad, schema)
     members = _members(uri, schema)
     columns = _column_map(uri, read_var_ids(uri, schema) if var_ids is None else var_ids, sample)
     n_var = int(columns.max()) + 1 if len(columns) else 0
@@ -454,7 +483,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
     by_cells = [layer for layer in schema.layers if layer.optimize == "cells"]
     by_genes = [layer for layer in schema.layers if layer.optimize == "genes"]
     derived = any(layer.source != "counts" for layer in schema.layers)  # needs each cell's total counts
-    with _mutation() as stamp, ExitStack() as stack, _h5(h5ad) as f:
+    with _mutation() as stamp, ExitStack() as stack:
         fence()  # after the stamp is fixed: a takeover after this check deletes at a later time
         arrays = {layer.name: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
                                                                             tiledb_timestamp=stamp, context=_ctx()))
@@ -463,13 +492,14 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
             obs.write(_obs_table(sample, schema, start))
         crash_point("worker_ingest_after_obs")
         # Gene-optimized layers need whole genes, i.e. the whole sample: read it once for all layers.
-        whole = _read_chunk(f["X"], sample.indptr, 0, n_obs, columns, n_var) if by_genes else None
+        whole = _read_chunk(sample.x, sample.indptr, 0, n_obs, columns, n_var) if by_genes else None
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz) if by_cells else ():
             fence()
-            chunk = whole[lo:hi] if whole is not None else _read_chunk(f["X"], sample.indptr, lo, hi, columns, n_var)
+            chunk = whole[lo:hi] if whole is not None else _read_chunk(sample.x, sample.indptr, lo, hi, columns, n_var)
             rows = _major_index(chunk.indptr)
             totals = _row_totals(rows, chunk.data, hi - lo)[rows] if derived else None
-            _write_chunk(arrays, by_cells, rows + (start + lo), chunk.indices.astype(np.int64), chunk.data, totals)
+            rows += start + lo  # in place, as below: each copy of a 5M-entry chunk's coordinates is 40 MB
+            _write_chunk(arrays, by_cells, rows, chunk.indices.astype(np.int64, copy=False), chunk.data, totals)
         if whole is not None:
             totals = _row_totals(_major_index(whole.indptr), whole.data, n_obs) if derived else None
             by_column = whole.tocsc()  # rows ascending within each column: (gene, cell) order
@@ -478,9 +508,11 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
                 fence()
                 a, b = int(by_column.indptr[lo]), int(by_column.indptr[hi])
                 rows = by_column.indices[a:b]
-                genes = _major_index(by_column.indptr[lo:hi + 1] - a) + lo
-                _write_chunk(arrays, by_genes, rows.astype(np.int64) + start, genes, by_column.data[a:b],
-                             totals[rows] if derived else None)
+                genes = _major_index(by_column.indptr[lo:hi + 1] - a)
+                genes += lo
+                cells = rows.astype(np.int64)
+                cells += start
+                _write_chunk(arrays, by_genes, cells, genes, by_column.data[a:b], totals[rows] if derived else None)
     return IngestStats(cells=n_obs, nnz=int(sample.indptr[-1]))
 
 
@@ -546,7 +578,7 @@ def _row_chunks(indptr: np.ndarray, chunk_nnz: int) -> Iterator[tuple[int, int]]
         lo = hi
 
 
-def _read_chunk(x: h5py.Group, indptr: np.ndarray, lo: int, hi: int, columns: np.ndarray,
+def _read_chunk(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, columns: np.ndarray,
                 n_var: int) -> sp.csr_matrix:
     """Rows [lo, hi) with atlas columns, in TileDB's global order: rows, then columns, ascending."""
     a, b = int(indptr[lo]), int(indptr[hi])
@@ -581,8 +613,8 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
                fence: Callable[[], None] = _no_fence) -> int:
     """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n.
     `fence` as for ingest_h5ad."""
-    sample = _read_sample_frames(h5ad, schema)
-    table = _obs_table(sample, schema, start)
+    with _h5(h5ad) as f:
+        table = _obs_table(_read_sample(f, h5ad, schema), schema, start)
     n = len(table)
     members = _members(uri, schema)
     with soma.DataFrame.open(members.obs, context=_ctx()) as obs:
@@ -751,14 +783,21 @@ def _presence_columns(var_ids: pd.Series, genes: pd.Index, where: str) -> np.nda
 
 
 def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h5ad: str, start: int, *,
-                  chunk_nnz: int, fence: Callable[[], None]) -> RangeStats:
+                  chunk_nnz: int, fence: Callable[[], None], converted: anndata.AnnData | None = None) -> RangeStats:
     """apply's ingest of one sample: its samples-table and presence rows first (so a range whose cells
-    were written always has them, to be deleted with it), then its cells; returns its range read back."""
+    were written always has them, to be deleted with it), then its cells; returns its range read back.
+    `converted`: the sample as this worker converted it, when it still holds it (its h5ad is not read); it is
+    used up (a gene mapping out of order sorts its arrays in place)."""
     var_ids = read_var_ids(uri, schema)
-    with storage.local_file(h5ad) as local:  # one copy of an h5ad on S3 for its three reads
+    if converted is not None:
+        cells = _ingest_with_rows(uri, schema, key, sample_joinid, _sample_in_memory(h5ad, converted, schema),
+                                  start, chunk_nnz, fence, var_ids)
+        return range_stats(uri, schema, [(start, start + cells)])[0]
+    with storage.local_file(h5ad) as local:  # one copy of an h5ad on S3
         try:
-            write_sample(uri, schema, sample_joinid, key, local, start, var_ids=var_ids)
-            cells = ingest_h5ad(uri, schema, local, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids).cells
+            with _h5(local) as f:
+                cells = _ingest_with_rows(uri, schema, key, sample_joinid, _read_sample(f, local, schema), start,
+                                          chunk_nnz, fence, var_ids)
         except SourceError as exc:
             if local == h5ad:
                 raise
@@ -766,17 +805,27 @@ def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h
     return range_stats(uri, schema, [(start, start + cells)])[0]
 
 
-def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5ad: str, start: int, *,
-                 var_ids: pd.Series | None = None) -> int:
+def _ingest_with_rows(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, sample: _Sample, start: int,
+                      chunk_nnz: int, fence: Callable[[], None], var_ids: pd.Series) -> int:
+    _write_sample_rows(uri, schema, sample_joinid, key, sample, start, var_ids)
+    return _ingest(uri, schema, sample, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids).cells
+
+
+def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5ad: str, start: int) -> int:
     """Write the sample's row of the samples table and its presence row (true for every measured gene).
     Runs before its cells are written. Returns the number of measured genes."""
-    samples_uri, presence_uri = _sample_members(uri, schema)
-    genes = measured_genes(h5ad)
     with _h5(h5ad) as f:
-        cells = int(f["X"].attrs["shape"][0])
-    columns = _presence_columns(read_var_ids(uri, schema) if var_ids is None else var_ids, genes, h5ad)
-    study, sample = key.split("/", 1)
-    row = pa.table({"soma_joinid": [sample_joinid], "sample_id": [key], "study": [study], "sample": [sample],
+        return _write_sample_rows(uri, schema, sample_joinid, key, _read_sample(f, h5ad, schema), start,
+                                  read_var_ids(uri, schema))
+
+
+def _write_sample_rows(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, sample: _Sample, start: int,
+                       var_ids: pd.Series) -> int:
+    samples_uri, presence_uri = _sample_members(uri, schema)
+    cells = len(sample.obs)
+    columns = _presence_columns(var_ids, sample.measured_genes, sample.path)
+    study, name = key.split("/", 1)
+    row = pa.table({"soma_joinid": [sample_joinid], "sample_id": [key], "study": [study], "sample": [name],
                     "cells": [cells], "obs_joinid_start": [start], "obs_joinid_stop": [start + cells],
                     "n_measured_genes": [len(columns)]}, schema=_SAMPLES_SCHEMA)
     with _mutation() as stamp:

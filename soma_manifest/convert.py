@@ -67,6 +67,11 @@ def h5ad_path_for(h5ad_root: Location, study: str, sample: str) -> Location:
 
 def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
     """Read, standardize and write one sample; raises SourceError naming the bad file."""
+    return convert_in_memory(job, schema)[0]
+
+
+def convert_in_memory(job: ConvertJob, schema: AtlasSchema) -> tuple[ConvertResult, ad.AnnData]:
+    """convert_sample, and the converted sample as written to its h5ad."""
     with _raw_on_disk(job) as local:
         adata, dropped, mapping = _convert(local, schema)
     with storage.staged_file(Location(job.h5ad_path)) as tmp:
@@ -75,7 +80,7 @@ def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
         # write's time), and the atlas stores plain strings anyway.
         adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
     return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping,
-                         adata.var)
+                         adata.var), adata
 
 
 @contextmanager

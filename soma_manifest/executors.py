@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class _Queued:
         raise NotImplementedError
 
     def _fill(self) -> None:
+        # Called by submit and as wait begins, not as it returns: the coordinator first handles what finished,
+        # so a sample's ingest (urgent) takes the slot its conversion freed, on the worker that holds it.
         slots = self._slots() if self.queue else 0
         while self.queue and len(self.running) < slots:
             task = self.queue.popleft()
@@ -109,6 +112,16 @@ def _quiet_worker() -> None:
     A blocked signal is never delivered, whatever handler is installed, in this thread and in the threads
     it starts later."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _without_dask()
+
+
+def _without_dask() -> None:
+    """Keep Dask out of a process of ours that will not run it: anndata (which tiledbsoma imports) imports
+    dask.array whenever dask is installed, ~0.5 s of the ~1.2 s the storage engine takes to import, for
+    arrays this tool never hands it. With None in sys.modules, `find_spec("dask")` is None and anndata goes
+    without. Only in loky's workers and in a dedicated process (the command line) applying on loky."""
+    if "dask" not in sys.modules:
+        sys.modules["dask"] = None  # type: ignore[assignment]
 
 
 def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args: object) -> Outcome:
@@ -147,6 +160,7 @@ class LokyExecutor(_Queued):
         from concurrent.futures import FIRST_COMPLETED
         from concurrent.futures import wait as wait_futures
 
+        self._fill()
         if not self.running:
             return []
         done, _ = wait_futures(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
@@ -157,7 +171,6 @@ class LokyExecutor(_Queued):
                 outcomes.append(future.result())
             except Exception as exc:  # noqa: BLE001 - a worker killed or lost: that step failed
                 outcomes.append(self._lost(task, exc))
-        self._fill()
         return outcomes
 
     def _abandon_running(self) -> None:
@@ -169,13 +182,35 @@ class LokyExecutor(_Queued):
         self.queue.clear()
 
 
+_pool: Any = None  # the loky pool this process started last (loky reuses it)
+_dedicated = False  # see dedicate_process
+
+
 def _loky_pool(processes: int):
     from loky import get_reusable_executor
 
+    global _pool
     # Workers read object-store credentials from their environment (never from task arguments). Passing the
     # AWS_* variables makes loky start fresh workers when they changed since its pool was started.
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return get_reusable_executor(max_workers=processes, timeout=30, initializer=_quiet_worker, env=aws)
+    _pool = get_reusable_executor(max_workers=processes, timeout=30, initializer=_quiet_worker, env=aws)
+    return _pool
+
+
+def dedicate_process() -> None:
+    """Declare that this process runs soma-manifest only (the command line does): an apply on loky then
+    keeps Dask out of it too (see _without_dask). A library user's process is never changed so."""
+    global _dedicated
+    _dedicated = True
+
+
+def stop_local_workers() -> None:
+    """Stop the loky workers this process started, idle between applies (they would otherwise live until
+    their 30 s idle timeout, or hold the interpreter's exit while they shut down)."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True, kill_workers=True)
+        _pool = None
 
 
 def _warm_imports() -> None:
@@ -190,6 +225,8 @@ def warm_up(spec: ExecutorConfig) -> None:
     """Start the loky pool now and have each worker import the storage engine, while this process imports
     it too (a one-sample apply waited ~1.2 s for each in turn). Returns at once; Dask workers are left alone."""
     if spec.kind == "loky":
+        if _dedicated:
+            _without_dask()
         pool = _loky_pool(spec.processes)
         for _ in range(spec.processes):
             pool.submit(_warm_imports)
@@ -227,6 +264,7 @@ class DaskExecutor(_Queued):
         return future
 
     def wait(self, timeout: float) -> list[Outcome]:
+        self._fill()
         deadline = time.monotonic() + timeout
         while True:
             done = self.completed.next_batch(block=False)
@@ -242,7 +280,6 @@ class DaskExecutor(_Queued):
                 outcomes.append(future.result())
             except Exception as exc:  # noqa: BLE001 - KilledWorker, a lost connection: that step failed
                 outcomes.append(self._lost(task, exc))
-        self._fill()
         return outcomes
 
     def _abandon_running(self) -> None:

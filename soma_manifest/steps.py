@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from soma_manifest import storage
+from soma_manifest import handoff, storage
 from soma_manifest.errors import LeaseLost, SomaManifestError
 from soma_manifest.faults import pause_point
 from soma_manifest.lock import Lease
@@ -73,20 +73,36 @@ def _run(key: str, step: str, lease: Lease, fn: Callable[[Callable[[], None]], A
 
 
 def convert_step(lease: Lease, job, schema: AtlasSchema) -> Outcome:
-    from soma_manifest.convert import convert_sample
+    """Convert one sample; the worker keeps it in memory for its ingest (see handoff)."""
+    from soma_manifest.convert import convert_in_memory
 
-    return _run(job.key, "convert", lease, lambda check: convert_sample(job, schema))
+    def convert(check: Callable[[], None]):
+        handoff.drop()  # never hold two samples
+        result, adata = convert_in_memory(job, schema)
+        if not job.metadata_only:
+            handoff.keep(result.h5ad, adata)
+        return result
+
+    return _run(job.key, "convert", lease, convert)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    stats: Any  # atlas.RangeStats: the range as read back (apply's quick verify)
+    from_memory: bool  # this worker still held the converted sample: its h5ad was not read
 
 
 def ingest_step(lease: Lease, key: str, uri: str, schema: AtlasSchema, h5ad: str, start: int,
                 chunk_nnz: int, sample_joinid: int) -> Outcome:
-    """Write the sample at [start, ...); the value is its range as read back (apply's quick verify)."""
+    """Write the sample at [start, ...); the value is an Ingested."""
     from soma_manifest.atlas import ingest_sample
 
-    def ingest(check: Callable[[], None]):
+    def ingest(check: Callable[[], None]) -> Ingested:
+        converted = handoff.take(h5ad)
         # The range is read back here, on the worker, while other samples still convert and ingest; in
         # the coordinator, at the end, it was serial (4.7 s of a 32 s apply on the full preset).
-        return ingest_sample(uri, schema, key, sample_joinid, h5ad, start, chunk_nnz=chunk_nnz, fence=check)
+        return Ingested(ingest_sample(uri, schema, key, sample_joinid, h5ad, start, chunk_nnz=chunk_nnz,
+                                      fence=check, converted=converted), converted is not None)
 
     return _run(key, "ingest", lease, ingest)
 

@@ -228,3 +228,75 @@ def test_h5ad_study_fixed_gene_universe_and_extra_layers(tmp_path: Path) -> None
     np.testing.assert_allclose(rows.toarray(), expected.toarray(), rtol=1e-5)
     by_gene = read_sample_as_user(project.atlas_uri, "lung", "donor1", layer="raw_by_gene")
     assert (sp.csr_matrix(by_gene.X) != sp.csr_matrix(got.X)).nnz == 0, "the gene-optimized copy equals raw"
+
+
+def test_each_ingest_uses_the_sample_its_worker_just_converted(project: Project) -> None:
+    """The ingest takes the converted counts from the converting worker's memory (no h5ad read); with one
+    worker, every sample's ingest runs where its conversion did. The cells equal the raw counts all the same."""
+    from soma_manifest import api
+
+    report = api.load(project.manifest).apply(processes=1)
+    assert report.ok, report.failed
+    log = Path(report.log_file).read_text()
+    assert log.count("ingest done") == 3 and log.count("from memory") == 3, log
+    for key, data in project.samples.items():
+        study, sample = key.split("/")
+        assert_counts_equal(read_sample_as_user(project.atlas_uri, study, sample), study, sample, data.counts,
+                            data.barcodes, data.gene_ids)
+
+
+def test_a_kept_sample_is_not_used_once_its_h5ad_changed(tmp_path: Path) -> None:
+    import anndata as ad
+
+    from soma_manifest import handoff
+
+    h5ad = tmp_path / "s.h5ad"
+    adata = ad.AnnData(X=sp.csr_matrix(np.eye(3, dtype=np.int32)))
+    adata.write_h5ad(h5ad)
+    handoff.keep(str(h5ad), adata)
+    assert handoff.take(str(tmp_path / "other.h5ad")) is None
+    assert handoff.take(str(h5ad)) is adata
+    assert handoff.take(str(h5ad)) is None, "taken once"
+
+    handoff.keep(str(h5ad), adata)
+    ad.AnnData(X=sp.csr_matrix(np.eye(4, dtype=np.int32))).write_h5ad(h5ad)  # rewritten since
+    assert handoff.take(str(h5ad)) is None
+    handoff.keep(str(h5ad), adata)
+    h5ad.unlink()
+    assert handoff.take(str(h5ad)) is None
+
+
+def test_the_command_leaves_no_worker_behind(project: Project) -> None:
+    """The CLI exits without the interpreter's teardown; it stops its loky workers first."""
+    import os
+    import uuid
+
+    import subprocess
+    import sys
+
+    mark = uuid.uuid4().hex
+    log = project.root / "cli.err"
+    with log.open("w") as err:  # a file, not a pipe: a worker left behind would hold a pipe open
+        result = subprocess.run([sys.executable, "-m", "soma_manifest", "apply", str(project.manifest),
+                                 "--processes", "2"], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "NO_COLOR": "1", "SOMA_MANIFEST_TEST_MARK": mark})
+    assert result.returncode == 0, log.read_text()
+    assert "Apply finished: 3 succeeded" in log.read_text()
+
+    def marked() -> list[int]:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if f"SOMA_MANIFEST_TEST_MARK={mark}".encode() in environ:
+                pids.append(int(pid))
+        return pids
+
+    import time
+
+    deadline = time.monotonic() + 5  # loky's resource tracker leaves once the workers are gone
+    while marked() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marked() == []

@@ -30,13 +30,14 @@ def test_plan_imports_no_storage_engine_and_writes_nothing(project: Project) -> 
     assert run_cli("apply", project.manifest).returncode == 0
     (project.raw / "study_a" / "mtx" / "s1" / "barcodes.tsv.gz").touch()  # stat changed: digests recomputed
     before = _snapshot(project.root)
-    code = ("import sys, runpy\n"
-            f"sys.argv = ['soma-manifest', 'plan', {str(project.manifest)!r}]\n"
-            "try:\n    runpy.run_module('soma_manifest', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('tiledbsoma', 'anndata', 'tiledb', 'scipy') if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
-    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    # -X importtime lists every module the command imports (it exits without the interpreter's teardown,
+    # so nothing can run after it in its process)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "soma_manifest", "plan", str(project.manifest)],
+                         capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+    assert out.returncode == 0, out.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "soma_manifest.plan" in imported
+    assert [m for m in ("tiledbsoma", "anndata", "tiledb", "scipy") if m in imported] == []
     assert "No changes" in out.stdout  # a touched file with the same content is not a change
     assert _snapshot(project.root) == before
 
