@@ -149,7 +149,8 @@ def _cells_by_features(counts: np.ndarray, features: np.ndarray, cells: np.ndarr
     """
     if not np.all((cells[1:] > cells[:-1]) | ((cells[1:] == cells[:-1]) & (features[1:] > features[:-1]))):
         return _canonical(sp.csr_matrix((counts, (cells, features)), shape=(n_cells, n_features)))
-    indptr = np.searchsorted(cells, np.arange(n_cells + 1))
+    # the needles in the haystack's dtype (int32 from fmm): mixed dtypes take a ~70x slower path
+    indptr = np.searchsorted(cells, np.arange(n_cells + 1, dtype=cells.dtype))
     index_type = np.int32 if max(n_features, len(counts)) < np.iinfo(np.int32).max else np.int64
     matrix = sp.csr_matrix((counts, features.astype(index_type, copy=False), indptr.astype(index_type, copy=False)),
                            shape=(n_cells, n_features))
