@@ -19,18 +19,36 @@ The Python API (the CLI is a thin layer over it)::
 Importing this package stays light: tiledbsoma, anndata and scipy load only when an operation needs them.
 """
 
-from soma_manifest.api import Atlas, load
-from soma_manifest.errors import (
-    AtlasError,
-    LockError,
-    ManifestError,
-    PlanError,
-    SchemaError,
-    SomaManifestError,
-    SourceError,
-    StateError,
-)
-from soma_manifest.plan import Action, Plan
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from soma_manifest.api import Atlas, load
+    from soma_manifest.errors import (
+        AtlasError,
+        LockError,
+        ManifestError,
+        PlanError,
+        SchemaError,
+        SomaManifestError,
+        SourceError,
+        StateError,
+    )
+    from soma_manifest.plan import Action, Plan
+
+_HOME = {"Atlas": "api", "load": "api", "Action": "plan", "Plan": "plan", **{name: "errors" for name in (
+    "AtlasError", "LockError", "ManifestError", "PlanError", "SchemaError", "SomaManifestError", "SourceError",
+    "StateError")}}
+
+
+def __getattr__(name: str) -> object:
+    # Loaded on first use, so that a worker importing one module of the package (e.g. soma_manifest.atlas)
+    # does not also load the API, the manifest models and the planner.
+    if name in _HOME:
+        import importlib
+
+        return getattr(importlib.import_module(f"soma_manifest.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'soma_manifest' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
