@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,8 @@ def bench_apply(out: Path, server: S3Server, log: Path, preset: str, processes: 
     bucket = server.new_bucket()
     server.upload_tree(data_dir / "raw", bucket, "raw")
     local = out / "local"
-    local.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(local, ignore_errors=True)  # a second run would otherwise apply nothing, and report the last
+    local.mkdir(parents=True)
     on_disk = manifest(local / "atlas.yaml", studies, {"raw": str(data_dir / "raw"), "h5ad": str(local / "h5ad"),
                                                        "atlas": str(local / "atlas")}, None)
     remote = out / "remote"
