@@ -20,7 +20,10 @@ _kept: tuple[str, storage.Stat, Any] | None = None  # (h5ad, its stat as written
 
 def keep(h5ad: str, adata: Any) -> None:
     global _kept
-    _kept = (h5ad, storage.stat(Location(h5ad)), adata)
+    try:
+        _kept = (h5ad, storage.stat(Location(h5ad)), adata)
+    except StorageError:  # the conversion stands; its ingest reads the file
+        _kept = None
 
 
 def drop() -> None:

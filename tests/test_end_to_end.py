@@ -264,6 +264,8 @@ def test_a_kept_sample_is_not_used_once_its_h5ad_changed(tmp_path: Path) -> None
     handoff.keep(str(h5ad), adata)
     h5ad.unlink()
     assert handoff.take(str(h5ad)) is None
+    handoff.keep(str(h5ad), adata)  # a file that cannot be stat'ed is not kept, and is no error
+    assert handoff.take(str(h5ad)) is None
 
 
 def test_the_command_leaves_no_worker_behind(project: Project) -> None:
