@@ -792,16 +792,16 @@ def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h
     if converted is not None:
         cells = _ingest_with_rows(uri, schema, key, sample_joinid, _sample_in_memory(h5ad, converted, schema),
                                   start, chunk_nnz, fence, var_ids)
-        return range_stats(uri, schema, [(start, start + cells)])[0]
-    with storage.local_file(h5ad) as local:  # one copy of an h5ad on S3
-        try:
-            with _h5(local) as f:
-                cells = _ingest_with_rows(uri, schema, key, sample_joinid, _read_sample(f, local, schema), start,
-                                          chunk_nnz, fence, var_ids)
-        except SourceError as exc:
-            if local == h5ad:
-                raise
-            raise SourceError(exc.message.replace(local, h5ad), where=h5ad, hint=exc.hint) from None
+    else:
+        with storage.local_file(h5ad) as local:  # one copy of an h5ad on S3
+            try:
+                with _h5(local) as f:
+                    cells = _ingest_with_rows(uri, schema, key, sample_joinid, _read_sample(f, local, schema),
+                                              start, chunk_nnz, fence, var_ids)
+            except SourceError as exc:
+                if local == h5ad:
+                    raise
+                raise SourceError(exc.message.replace(local, h5ad), where=h5ad, hint=exc.hint) from None
     return range_stats(uri, schema, [(start, start + cells)])[0]
 
 
