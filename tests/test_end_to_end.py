@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.io
+import pytest
 import scipy.sparse as sp
 import tiledbsoma
 
@@ -268,14 +269,18 @@ def test_a_kept_sample_is_not_used_once_its_h5ad_changed(tmp_path: Path) -> None
     assert handoff.take(str(h5ad)) is None
 
 
-def test_the_command_leaves_no_worker_behind(project: Project) -> None:
-    """The CLI exits without the interpreter's teardown; it stops its loky workers first."""
+@pytest.mark.parametrize("kind", ["loky", "dask"])
+def test_the_command_leaves_no_worker_behind(project: Project, kind: str) -> None:
+    """The CLI exits without the interpreter's teardown; it stops its loky workers first: the one it starts
+    before planning included, also when the manifest then chooses a Dask LocalCluster."""
     import os
     import uuid
 
     import subprocess
     import sys
 
+    if kind == "dask":
+        project.write_manifest(extra="executor: {kind: dask}\n")
     mark = uuid.uuid4().hex
     log = project.root / "cli.err"
     with log.open("w") as err:  # a file, not a pipe: a worker left behind would hold a pipe open
@@ -284,6 +289,7 @@ def test_the_command_leaves_no_worker_behind(project: Project) -> None:
                                 env={**os.environ, "NO_COLOR": "1", "SOMA_MANIFEST_TEST_MARK": mark})
     assert result.returncode == 0, log.read_text()
     assert "Apply finished: 3 succeeded" in log.read_text()
+    assert f"executor {kind}" in max((project.root / "logs").glob("apply-*.log")).read_text()
 
     def marked() -> list[int]:
         pids = []
