@@ -170,7 +170,7 @@ def _forget_the_atlas(atlas_root: Path) -> None:
     for entry in state["samples"].values():
         entry.update(joinids=None, ingest="none", atlas_raw_digest="", atlas_conversion="", atlas_meta_digest="",
                      atlas_cells=None, atlas_nnz=None, ingested_at=None, sample_joinid=None)
-    state.update(next_joinid=0, next_sample_joinid=0, orphans=[], orphan_samples=[], history=[])
+    state.update(next_joinid=0, next_sample_joinid=0, orphans=[], orphan_samples=[], history=[], compaction={})
     state_path.write_text(json.dumps(state))
     (atlas_root / f"{ATLAS_NAME}.state.json.backup").unlink(missing_ok=True)
 
