@@ -16,12 +16,10 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from soma_manifest.errors import ExecutorError
-
-if TYPE_CHECKING:  # not at run time: start_early imports this module before anything else of the command
-    from soma_manifest.steps import Outcome
+from soma_manifest.steps import Outcome
 
 #: How long a client waits for an unreachable scheduler before giving up.
 CONNECT_TIMEOUT_S = 20
@@ -96,8 +94,6 @@ class _Queued:
             self.running[self._send(task)] = task
 
     def _lost(self, task: _Task, exc: BaseException) -> Outcome:
-        from soma_manifest.steps import Outcome
-
         return Outcome(task.key, task.step, False, 0.0, 0,
                        error=f"worker process died: {type(exc).__name__}: {exc}".rstrip(": "))
 
@@ -221,29 +217,19 @@ def _warm_imports() -> None:
     import importlib
 
     # tiledbsoma and anndata: ~1.2 s, else paid by the worker's first step
-    for module in ("soma_manifest.atlas", "soma_manifest.convert", "soma_manifest.steps"):
+    for module in ("soma_manifest.atlas", "soma_manifest.convert"):
         importlib.import_module(module)
-
-
-def start_early() -> None:
-    """Start one loky worker importing the storage engine now, before the command line has imported its own
-    modules and planned (~0.3 s of a one-sample add, whose worker is otherwise the last to be ready).
-    warm_up then grows the pool to the apply's processes, or stops it when the apply runs on Dask."""
-    _loky_pool(1).submit(_warm_imports)
 
 
 def warm_up(spec: ExecutorConfig) -> None:
     """Start the loky pool now and have each worker import the storage engine, while this process imports
-    it too (a one-sample apply waited ~1.2 s for each in turn). Returns at once; Dask workers are left alone
-    (and a loky worker started early is stopped)."""
-    if spec.kind != "loky":
-        stop_local_workers()
-        return
-    if _dedicated:
-        _without_dask()
-    pool = _loky_pool(spec.processes)
-    for _ in range(spec.processes):
-        pool.submit(_warm_imports)
+    it too (a one-sample apply waited ~1.2 s for each in turn). Returns at once; Dask workers are left alone."""
+    if spec.kind == "loky":
+        if _dedicated:
+            _without_dask()
+        pool = _loky_pool(spec.processes)
+        for _ in range(spec.processes):
+            pool.submit(_warm_imports)
 
 
 class DaskExecutor(_Queued):

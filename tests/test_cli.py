@@ -208,20 +208,3 @@ def test_markdown_plan_summary_first_groups_folded_and_cut() -> None:
     assert "#### - remove: 2" in text  # short group open
     assert text.count("| `add/") == render.MAX_ROWS and "| … | 5 more: see the JSON plan | | |" in text
     assert "| `remove/s000` | why \\| not | 1,500 | delete |" in text  # pipes escaped, cells formatted
-
-
-@pytest.mark.parametrize(("args", "early"), [
-    (["apply", "m.yaml"], True),
-    (["--no-color", "apply", "m.yaml", "-p", "2"], True),
-    (["apply", "m.yaml", "--executor", "loky"], True),
-    (["apply", "m.yaml", "--executor", "dask"], False),
-    (["apply", "m.yaml", "--executor=dask"], False),
-    (["apply", "m.yaml", "--scheduler", "tcp://127.0.0.1:8786"], False),
-    (["apply", "--help"], False),
-    (["plan", "m.yaml"], False),
-    ([], False),
-])
-def test_only_an_apply_on_loky_starts_a_worker_before_the_command_line_loads(args: list[str], early: bool) -> None:
-    from soma_manifest.__main__ import _applies_on_loky
-
-    assert _applies_on_loky(args) is early

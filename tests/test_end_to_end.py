@@ -271,8 +271,8 @@ def test_a_kept_sample_is_not_used_once_its_h5ad_changed(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("kind", ["loky", "dask"])
 def test_the_command_leaves_no_worker_behind(project: Project, kind: str) -> None:
-    """The CLI exits without the interpreter's teardown; it stops its loky workers first: the one it starts
-    before planning included, also when the manifest then chooses a Dask LocalCluster."""
+    """The CLI exits without the interpreter's teardown; it stops its loky workers, or its Dask LocalCluster,
+    first."""
     import os
     import uuid
 
