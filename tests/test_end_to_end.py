@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.io
 import pytest
+import scipy.io
 import scipy.sparse as sp
 import tiledbsoma
 
