@@ -110,8 +110,9 @@ class _Members:
 # ---------------------------------------------------------------- create and inspect
 
 
-def _ctx() -> soma.SOMATileDBContext | None:
-    """The TileDB context of the configured store (S3 endpoint and region); passed to every open."""
+def _ctx() -> soma.SOMATileDBContext:
+    """The TileDB context of the configured store (S3 endpoint and region, storage.READER_SETTINGS); passed to
+    every open."""
     return storage.tiledb_context()
 
 

@@ -775,8 +775,17 @@ def _snapshot_lookup(loc: Location) -> dict | Stat | None:
 # ---------------------------------------------------------------- TileDB
 
 
+#: TileDB 2.30 (in tiledbsoma 2.3.0) crashed with SIGSEGV in the sparse global-order reader's tile-merge
+#: preprocessing (ParallelMerge, in ~MergeUnit, on a thread of its pool): a core dump of a `verify --deep`
+#: process, counting X entries right after an apply with deletes and a compaction. Unordered reads of
+#: arrays without duplicates (all of ours) use that reader. 0 turns the preprocessing off; it only
+#: reorders how tiles are loaded, never what a read returns.
+READER_SETTINGS = {"sm.query.sparse_global_order.preprocess_tile_merge": "0"}
+
+
 def tiledb_config(store: StoreSettings | None = None) -> dict[str, str]:
-    """TileDB settings for the same store; credentials come from the AWS chain TileDB reads itself."""
+    """TileDB settings for the same store (and READER_SETTINGS); credentials come from the AWS chain TileDB
+    reads itself."""
     store = store or _settings
     config: dict[str, str] = {}
     endpoint = store.endpoint()
@@ -791,14 +800,12 @@ def tiledb_config(store: StoreSettings | None = None) -> dict[str, str]:
         # Fail fast on an unreachable endpoint instead of TileDB's long default backoff.
         config.update({"vfs.s3.connect_timeout_ms": str(CONNECT_TIMEOUT * 1000), "vfs.s3.connect_max_tries": "2",
                        "vfs.s3.request_timeout_ms": str(READ_TIMEOUT * 1000)})
-    return config
+    return {**READER_SETTINGS, **config}
 
 
 def tiledb_context() -> Any:
-    """A SOMATileDBContext for the configured store (None: tiledbsoma's default, which is the same)."""
+    """The SOMATileDBContext for the configured store, one per process and settings."""
     config = tiledb_config()
-    if not config:
-        return None
     with _lock:
         key = tuple(sorted(config.items()))
         ctx = _ctx_cache.get(key)

@@ -245,10 +245,8 @@ def assert_converged(project: Project, cell_types: dict[str, str] | None = None)
     """Nothing left to do, `verify --deep` is clean and the atlas holds exactly `project.samples`."""
     result = invoke_cli("plan", "--detailed-exitcode", project.manifest)
     assert result.returncode == 0, result.stdout + result.stderr
-    # The real entry point, in a process of its own: three in-process verifies right after an in-process
-    # apply (two of them in test_crash, with workers of the killed apply possibly still running) crashed
-    # the test process with SIGSEGV inside TileDB's reader; never reproduced outside pytest (see the
-    # stop-15 note).
+    # The real entry point, in a process of its own, as users and CI run it. (It was moved here when
+    # in-process verifies crashed the test process; the cause was TileDB's, see storage.READER_SETTINGS.)
     result = run_cli("verify", "--deep", project.manifest)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_atlas_holds(project.atlas_uri, project.samples, cell_types)

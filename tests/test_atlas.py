@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 from loky import get_reusable_executor
 
-from soma_manifest import atlas
+from soma_manifest import atlas, storage
 from soma_manifest.errors import AtlasError
 from soma_manifest.schema import AtlasSchema, load_schema
 
@@ -230,3 +230,10 @@ def test_ingest_refuses_too_small_domains_before_writing(tmp_path: Path, uri: st
     assert atlas.count_x_outside(uri, schema, []) == 0
     atlas.ingest_h5ad(uri, schema, sample.path, 0)
     _assert_holds(uri, schema, sample, 0)
+
+
+def test_every_tiledb_context_of_the_tool_turns_off_the_crashing_tile_merge() -> None:
+    """TileDB 2.30's sparse global-order reader crashed in its tile-merge preprocessing (see
+    storage.READER_SETTINGS); every context the tool opens arrays with turns it off."""
+    config = storage.tiledb_context().native_context.config()
+    assert config["sm.query.sparse_global_order.preprocess_tile_merge"] == "0"
