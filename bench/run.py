@@ -144,7 +144,7 @@ def run_manifest(work: Path, data: GeneratedData, processes: int, variant: str =
         setup = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes)], cwd=work)
         if setup.returncode != 0:
             return _unavailable(row, setup.last_error_line())
-        _forget_the_atlas(work / f"{prefix}atlas")
+        _forget_the_atlas(manifest)
         fresh_dir(work / f"{prefix}logs")
     run = run_watched([str(cli), "apply", str(manifest), "--processes", str(processes)], cwd=work)
     if run.returncode != 0:
@@ -160,19 +160,28 @@ def run_manifest(work: Path, data: GeneratedData, processes: int, variant: str =
     return _note_other_load(row, run)
 
 
-def _forget_the_atlas(atlas_root: Path) -> None:
-    """For the ingest-only row: delete the atlas and rewrite its state as if every sample had been converted
-    and none ingested, so that the next apply runs only the ingest steps, from the h5ad files, like the
-    default flow's ingest of ready-made h5ad files. A bench setup only: no command does this."""
-    shutil.rmtree(atlas_root / ATLAS_NAME)
-    state_path = atlas_root / f"{ATLAS_NAME}.state.json"
-    state = json.loads(state_path.read_text())
-    for entry in state["samples"].values():
-        entry.update(joinids=None, ingest="none", atlas_raw_digest="", atlas_conversion="", atlas_meta_digest="",
-                     atlas_cells=None, atlas_nnz=None, ingested_at=None, sample_joinid=None)
-    state.update(next_joinid=0, next_sample_joinid=0, orphans=[], orphan_samples=[], history=[], compaction={})
-    state_path.write_text(json.dumps(state))
-    (atlas_root / f"{ATLAS_NAME}.state.json.backup").unlink(missing_ok=True)
+def _forget_the_atlas(manifest: Path) -> None:
+    """For the ingest-only row: delete the atlas and reset the atlas side of its state (every sample's ingest
+    fields, the joinid counters, orphans, history, compaction) to the state model's defaults, so that the next
+    apply runs only the ingest steps, from the h5ad files, like the default flow's ingest of ready-made h5ad
+    files. A bench setup only: no command does this."""
+    from soma_manifest.manifest import load_manifest
+    from soma_manifest.state import SampleState, State, load_state, save_state
+
+    loaded = load_manifest(manifest)
+    shutil.rmtree(str(loaded.atlas_uri))
+    state = load_state(loaded.state_path)
+    for entry in state.samples.values():
+        for name in _ATLAS_SIDE:
+            setattr(entry, name, SampleState.model_fields[name].get_default(call_default_factory=True))
+    for name in ("next_joinid", "next_sample_joinid", "orphans", "orphan_samples", "history", "compaction"):
+        setattr(state, name, State.model_fields[name].get_default(call_default_factory=True))
+    save_state(state, loaded.state_path)
+
+
+#: SampleState's fields that describe the atlas, not the sample's h5ad.
+_ATLAS_SIDE = ("joinids", "ingest", "atlas_raw_digest", "atlas_conversion", "atlas_meta_digest", "atlas_cells",
+               "atlas_nnz", "ingested_at", "sample_joinid")
 
 
 def _unavailable(row: FlowResult, reason: str) -> FlowResult:

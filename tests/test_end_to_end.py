@@ -5,6 +5,11 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import h5py
@@ -273,12 +278,6 @@ def test_a_kept_sample_is_not_used_once_its_h5ad_changed(tmp_path: Path) -> None
 def test_the_command_leaves_no_worker_behind(project: Project, kind: str) -> None:
     """The CLI exits without the interpreter's teardown; it stops its loky workers, or its Dask LocalCluster,
     first."""
-    import os
-    import uuid
-
-    import subprocess
-    import sys
-
     if kind == "dask":
         project.write_manifest(extra="executor: {kind: dask}\n")
     mark = uuid.uuid4().hex
@@ -301,8 +300,6 @@ def test_the_command_leaves_no_worker_behind(project: Project, kind: str) -> Non
             if f"SOMA_MANIFEST_TEST_MARK={mark}".encode() in environ:
                 pids.append(int(pid))
         return pids
-
-    import time
 
     deadline = time.monotonic() + 5  # loky's resource tracker leaves once the workers are gone
     while marked() and time.monotonic() < deadline:
