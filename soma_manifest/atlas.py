@@ -62,8 +62,14 @@ _X_CREATE: dict[str, dict] = {
     "genes": {"tiledb": {"create": {"capacity": _GENE_TILE_CAPACITY, "dims": {"soma_dim_1": {"tile": 1}},
                                     "tile_order": "col-major", "cell_order": "col-major"}}},
 }
-# Chunks are written in global order: skips TileDB's sort (4-5x faster); an unsorted chunk fails.
+# Chunks are written in global order: skips TileDB's sort (4-5x faster).
 _GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
+#: TileDB's own checks of a global-order write (order, duplicates, domain) are O(nnz) passes that took
+#: ~0.38 s of a 1.0 s, 7M-entry X write (bench/README.md, "Stop 17"). _read_chunk checks the same once per
+#: chunk in C (scipy's canonical-format test: columns strictly ascending within each row, so sorted and
+#: without duplicates), rows ascend by construction, and _check_room bounds both dims before anything is
+#: written; the X layers' writes go through a context without TileDB's repeat of them.
+_TRUSTED_ORDER = {"sm.check_global_order": "false", "sm.check_coord_dups": "false", "sm.check_coord_oob": "false"}
 
 _ARROW = {
     "string": pa.large_string(),
@@ -114,6 +120,11 @@ def _ctx() -> soma.SOMATileDBContext:
     """The TileDB context of the configured store (S3 endpoint and region, storage.READER_SETTINGS); passed to
     every open."""
     return storage.tiledb_context()
+
+
+def _x_writer_ctx() -> soma.SOMATileDBContext:
+    """The context the X layers are opened with for ingest's checked, global-order chunks (_TRUSTED_ORDER)."""
+    return storage.tiledb_context(_TRUSTED_ORDER)
 
 
 @contextmanager
@@ -487,23 +498,25 @@ def _ingest(uri: str, schema: AtlasSchema, sample: _Sample, start: int, *, chunk
     with _mutation() as stamp, ExitStack() as stack:
         fence()  # after the stamp is fixed: a takeover after this check deletes at a later time
         arrays = {layer.name: stack.enter_context(soma.SparseNDArray.open(members.layers[layer.name], "w",
-                                                                            tiledb_timestamp=stamp, context=_ctx()))
+                                                                            tiledb_timestamp=stamp,
+                                                                            context=_x_writer_ctx()))
                   for layer in schema.layers}
         with soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=_ctx()) as obs:
             obs.write(_obs_table(sample, schema, start))
         crash_point("worker_ingest_after_obs")
         # Gene-optimized layers need whole genes, i.e. the whole sample: read it once for all layers.
-        whole = _read_chunk(sample.x, sample.indptr, 0, n_obs, columns, n_var) if by_genes else None
+        whole = _read_chunk(sample.x, sample.indptr, 0, n_obs, columns, n_var, sample.path) if by_genes else None
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz) if by_cells else ():
             fence()
-            chunk = whole[lo:hi] if whole is not None else _read_chunk(sample.x, sample.indptr, lo, hi, columns, n_var)
+            chunk = whole[lo:hi] if whole is not None else _read_chunk(sample.x, sample.indptr, lo, hi, columns,
+                                                                       n_var, sample.path)
             rows = _major_index(chunk.indptr)
             totals = _row_totals(rows, chunk.data, hi - lo)[rows] if derived else None
             rows += start + lo  # in place, as below: each copy of a 5M-entry chunk's coordinates is 40 MB
             _write_chunk(arrays, by_cells, rows, chunk.indices.astype(np.int64, copy=False), chunk.data, totals)
         if whole is not None:
             totals = _row_totals(_major_index(whole.indptr), whole.data, n_obs) if derived else None
-            by_column = whole.tocsc()  # rows ascending within each column: (gene, cell) order
+            by_column = whole.tocsc()  # of a canonical CSR: rows strictly ascending in each column, (gene, cell)
             del whole
             for lo, hi in _row_chunks(by_column.indptr, chunk_nnz):
                 fence()
@@ -580,13 +593,21 @@ def _row_chunks(indptr: np.ndarray, chunk_nnz: int) -> Iterator[tuple[int, int]]
 
 
 def _read_chunk(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, columns: np.ndarray,
-                n_var: int) -> sp.csr_matrix:
-    """Rows [lo, hi) with atlas columns, in TileDB's global order: rows, then columns, ascending."""
+                n_var: int, path: str) -> sp.csr_matrix:
+    """Rows [lo, hi) with atlas columns, in TileDB's global order: rows, then columns, strictly ascending.
+    X is written without TileDB's checks (_TRUSTED_ORDER), so a chunk that is not so is refused here."""
     a, b = int(indptr[lo]), int(indptr[hi])
-    chunk = sp.csr_matrix((x["data"][a:b], columns[x["indices"][a:b]], indptr[lo:hi + 1] - a),
-                          shape=(hi - lo, n_var))
+    indices = x["indices"][a:b]
+    # (numpy would take a negative index from the end of `columns`)
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(columns)):
+        raise SourceError(f"X has column indices outside its {len(columns)} genes", where=path,
+                          hint="re-run the convert step")
+    chunk = sp.csr_matrix((x["data"][a:b], columns[indices], indptr[lo:hi + 1] - a), shape=(hi - lo, n_var))
     # A non-monotonic gene mapping unsorts the rows; for a monotonic one this is only a check.
     chunk.sort_indices()
+    if not chunk.has_canonical_format:
+        raise SourceError(f"X has duplicate entries (the same gene twice in a cell) in cells {lo}..{hi - 1}",
+                          where=path, hint="re-run the convert step")
     return chunk
 
 

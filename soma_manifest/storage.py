@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -803,9 +803,9 @@ def tiledb_config(store: StoreSettings | None = None) -> dict[str, str]:
     return {**READER_SETTINGS, **config}
 
 
-def tiledb_context() -> Any:
-    """The SOMATileDBContext for the configured store, one per process and settings."""
-    config = tiledb_config()
+def tiledb_context(settings: Mapping[str, str] | None = None) -> Any:
+    """The SOMATileDBContext for the configured store (plus `settings`), one per process and settings."""
+    config = {**tiledb_config(), **(settings or {})}
     with _lock:
         key = tuple(sorted(config.items()))
         ctx = _ctx_cache.get(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import scipy.sparse as sp
 from loky import get_reusable_executor
 
 from soma_manifest import atlas, storage
-from soma_manifest.errors import AtlasError
+from soma_manifest.errors import AtlasError, SourceError
 from soma_manifest.schema import AtlasSchema, load_schema
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "default.yaml"
@@ -230,6 +231,25 @@ def test_ingest_refuses_too_small_domains_before_writing(tmp_path: Path, uri: st
     assert atlas.count_x_outside(uri, schema, []) == 0
     atlas.ingest_h5ad(uri, schema, sample.path, 0)
     _assert_holds(uri, schema, sample, 0)
+
+
+@pytest.mark.parametrize(("damage", "message"), [("duplicate", "duplicate entries .* cells 0..9"),
+                                                  ("past the last gene", "outside its 30 genes"),
+                                                  ("negative", "outside its 30 genes")])
+def test_ingest_refuses_an_x_tiledb_would_not_check(tmp_path: Path, uri: str, schema: AtlasSchema, damage: str,
+                                                    message: str) -> None:
+    """X is written without TileDB's order, duplicate and domain checks (atlas._TRUSTED_ORDER), so ingest
+    checks each chunk itself: a damaged h5ad is refused, naming it, before any X entry is written."""
+    sample = Sample(tmp_path, schema, "s1/a", GENES, cells=10, seed=13)
+    [(start, _)] = _prepare(uri, schema, [sample])
+    with h5py.File(sample.path, "r+") as f:
+        indptr, indices = f["X/indptr"][:], f["X/indices"]
+        first = int(indptr[np.flatnonzero(np.diff(indptr) >= 2)[0]])  # a cell with two genes or more
+        indices[first] = {"duplicate": indices[first + 1], "past the last gene": len(GENES), "negative": -1}[damage]
+    with pytest.raises(SourceError, match=message) as raised:
+        atlas.ingest_h5ad(uri, schema, sample.path, start)
+    assert raised.value.where == sample.path
+    assert atlas.count_x_outside(uri, schema, []) == 0
 
 
 def test_every_tiledb_context_of_the_tool_turns_off_the_crashing_tile_merge() -> None:
