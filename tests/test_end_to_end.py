@@ -110,6 +110,15 @@ studies:
     v2_ids = anndata.utils.make_index_unique(pd.Index(v2_genes[1]))
     got_v2 = read_sample_as_user(uri, "seurat", "v2_sample")
     assert_counts_equal(got_v2, "seurat", "v2_sample", v2, v2_barcodes, v2_ids)
+    # QC percentages against the raw counts (this sample has one ribosomal gene and no MT- gene).
+    upper = v2_genes[1].str.upper()
+    rows = [v2_barcodes.index(i.split("/", 2)[2]) for i in got_v2.obs_names]
+    for column, prefixes in (("pct_mito", ("MT-",)), ("pct_ribo", ("RPS", "RPL"))):
+        part = np.asarray(v2[:, np.flatnonzero(upper.str.startswith(prefixes))].sum(axis=1)).ravel()
+        umi = np.asarray(v2.sum(axis=1)).ravel()
+        np.testing.assert_allclose(got_v2.obs[column].to_numpy(), (100.0 * part / np.maximum(umi, 1))[rows],
+                                   rtol=1e-6, err_msg=column)
+    assert got_v2.obs["pct_ribo"].max() > 0
 
     verify = run_cli("verify", manifest, "--deep")
     assert verify.returncode == 0, verify.stdout + verify.stderr

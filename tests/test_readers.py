@@ -435,3 +435,27 @@ def test_unreadable_file(tmp_path: Path, fmt: str, chr21: RawCounts) -> None:
         if target.is_file():
             target.chmod(0o644)
     assert err.where == str(target) and err.message.startswith("cannot read the file: ")
+
+
+def test_qc_percentages_are_the_sums_over_mito_and_ribosomal_genes() -> None:
+    """convert's pct_mito / pct_ribo / umi_counts against dense sums, on generated counts with an empty cell
+    and both cases of the prefixes (the real test data have no MT- gene)."""
+    from conftest import DEFAULT_SCHEMA
+    from soma_manifest import convert
+    from soma_manifest.schema import load_schema
+
+    rng = np.random.default_rng(3)
+    counts = sp.random(300, 60, density=0.2, format="lil", random_state=3,
+                       data_rvs=lambda k: rng.integers(1, 50, k)).astype(np.int32)
+    counts[7, :] = 0
+    counts = counts.tocsr()
+    counts.eliminate_zeros()
+    symbols = np.array(["MT-CO1", "mt-Nd1", "RPS3", "Rpl7", "RPLP0", "MTOR"] + [f"G{i}" for i in range(54)])
+    qc = convert._qc(counts, symbols, load_schema(DEFAULT_SCHEMA))
+    dense = counts.toarray().astype(np.int64)
+    umi = dense.sum(axis=1)
+    np.testing.assert_array_equal(qc["umi_counts"], umi)
+    for column, genes in (("pct_mito", [0, 1]), ("pct_ribo", [2, 3, 4])):
+        want = np.where(umi > 0, 100.0 * dense[:, genes].sum(axis=1) / np.maximum(umi, 1), 0.0)
+        np.testing.assert_array_equal(qc[column], want, err_msg=column)
+    assert qc["pct_mito"][7] == 0 and qc["umi_counts"][7] == 0
