@@ -64,11 +64,11 @@ _X_CREATE: dict[str, dict] = {
 }
 # Chunks are written in global order: skips TileDB's sort (4-5x faster).
 _GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
-#: TileDB's own checks of a global-order write (order, duplicates, domain) are O(nnz) passes that took
-#: ~0.38 s of a 1.0 s, 7M-entry X write (bench/README.md, "Stop 17"). _read_chunk checks the same once per
-#: chunk in C (scipy's canonical-format test: columns strictly ascending within each row, so sorted and
-#: without duplicates), rows ascend by construction, and _check_room bounds both dims before anything is
-#: written; the X layers' writes go through a context without TileDB's repeat of them.
+#: TileDB's own checks of a global-order write (order, duplicates, domain) are passes over every entry that
+#: took 0.5 s of a 1.3 s, 8.7M-entry X write (bench/write_checks.py; bench/README.md, "Stop 17").
+#: _read_chunk checks the same once per chunk (column bounds; scipy's canonical-format test: columns
+#: strictly ascending within each row, so sorted and without duplicates), rows ascend by construction, and
+#: _check_room bounds both dims before anything is written; so the X layers' writes skip TileDB's repeat.
 _TRUSTED_ORDER = {"sm.check_global_order": "false", "sm.check_coord_dups": "false", "sm.check_coord_oob": "false"}
 
 _ARROW = {
