@@ -44,16 +44,15 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FlowResult, Stopwatch, dir_bytes, fresh_dir, peak_rss_bytes, process_pool  # noqa: E402
 
+# The floors write X as soma-manifest does: without TileDB's write-time order, duplicate and domain checks.
+from soma_manifest.storage import TRUSTED_ORDER  # noqa: E402
+
 MEASUREMENT = "RNA"
 X_LAYER = "raw"
 OBS_ID, VAR_ID = "obs_id", "var_id"
 WIDE_TILE = 1_048_576  # >= any gene count: a CSR row-major chunk is then in global order
 FLOOR_CHUNK_NNZ = 5_000_000
 ORDERED_WRITE: dict[str, Any] = {"tiledb": {"write": {"sort_coords": False}}}
-#: The floors write X as soma-manifest does (atlas._TRUSTED_ORDER): without TileDB's write-time order,
-#: duplicate and domain checks (0.5 s of a 1.3 s, 8.7M-entry write: write_checks.py), which soma-manifest
-#: makes itself, once per chunk.
-TRUSTED_ORDER = {"sm.check_global_order": "false", "sm.check_coord_dups": "false", "sm.check_coord_oob": "false"}
 WIDE_X_CREATE: dict[str, Any] = {"tiledb": {"create": {"dims": {"soma_dim_1": {"tile": WIDE_TILE}}}}}
 # soma-manifest's gene-optimized layout: global order (gene, cell), so CSC chunks need no sort.
 GENE_X_CREATE: dict[str, Any] = {"tiledb": {"create": {

@@ -24,13 +24,14 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma as soma
 
+from soma_manifest.storage import TRUSTED_ORDER
+
 REPO = Path(__file__).resolve().parent.parent
 CHUNK_NNZ = 5_000_000
-CHECKS = ("sm.check_global_order", "sm.check_coord_dups", "sm.check_coord_oob")
 SETTINGS = {
     "TileDB's checks on (its default)": {},
-    **{f"{name} off": {name: "false"} for name in CHECKS},
-    "all three off (soma-manifest's X writes)": dict.fromkeys(CHECKS, "false"),
+    **{f"{name} off": {name: value} for name, value in TRUSTED_ORDER.items()},
+    "all three off (soma-manifest's X writes)": TRUSTED_ORDER,
 }
 
 

@@ -142,7 +142,7 @@ class Atlas:
             swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
             current, observations, state = self._plan()
             config = self._executor_config(processes, executor, scheduler, current)
-            if _worker_steps(current) and (allow_delete or not any(a.deletes_cells for a in current.actions)):
+            if current.worker_steps and (allow_delete or not current.deletions):
                 # (not for an apply that will be refused, or that runs nothing on workers)
                 warm_up(config)  # the workers import the storage engine while this process does (below)
             from soma_manifest import apply as run
@@ -178,7 +178,7 @@ class Atlas:
         address = scheduler or (block.address if chosen == "dask" else None)
         workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
         if chosen == "loky":
-            workers = max(1, min(workers, _worker_steps(plan)))
+            workers = max(1, min(workers, plan.worker_steps))
         return ExecutorConfig(chosen, address, workers)
 
     # --- checks and reads -------------------------------------------------------------------------
@@ -321,11 +321,6 @@ class Atlas:
                 if s.ingest == "done" and s.sample_joinid is not None}
         with self._experiment() as exp:
             return read_presence(exp, self.schema, done)
-
-
-def _worker_steps(plan: Plan) -> int:
-    """The samples with a step that runs on a worker (convert, ingest, obs update)."""
-    return sum(1 for a in plan.actions if a.converts or a.ingests or "write_obs" in a.steps)
 
 
 def _obs_joinids_as_read(exp: tiledbsoma.Experiment, keys: Sequence[str]):

@@ -203,7 +203,7 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
     `interrupt` gets a signal, no new step starts, running ones get `grace` seconds, and the report
     says so (`interrupted`); the state is then as after any finished step, and the next apply resumes.
     """
-    deletions = [a for a in plan.actions if a.deletes_cells]
+    deletions = plan.deletions
     if deletions and not allow_delete:
         listing = ", ".join(f"{a.key} ({a.cells} cells)" for a in deletions[:10])
         more = f" and {len(deletions) - 10} more" if len(deletions) > 10 else ""

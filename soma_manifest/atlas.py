@@ -64,12 +64,6 @@ _X_CREATE: dict[str, dict] = {
 }
 # Chunks are written in global order: skips TileDB's sort (4-5x faster).
 _GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
-#: TileDB's own checks of a global-order write (order, duplicates, domain) are passes over every entry that
-#: took 0.5 s of a 1.3 s, 8.7M-entry X write (bench/write_checks.py; bench/README.md, "Stop 17").
-#: _read_chunk checks the same once per chunk (column bounds; scipy's canonical-format test: columns
-#: strictly ascending within each row, so sorted and without duplicates), rows ascend by construction, and
-#: _check_room bounds both dims before anything is written; so the X layers' writes skip TileDB's repeat.
-_TRUSTED_ORDER = {"sm.check_global_order": "false", "sm.check_coord_dups": "false", "sm.check_coord_oob": "false"}
 
 _ARROW = {
     "string": pa.large_string(),
@@ -123,8 +117,9 @@ def _ctx() -> soma.SOMATileDBContext:
 
 
 def _x_writer_ctx() -> soma.SOMATileDBContext:
-    """The context the X layers are opened with for ingest's checked, global-order chunks (_TRUSTED_ORDER)."""
-    return storage.tiledb_context(_TRUSTED_ORDER)
+    """The context the X layers are opened with for ingest's global-order chunks: without TileDB's write-time
+    checks (storage.TRUSTED_ORDER), which _read_chunk and _check_room make instead."""
+    return storage.tiledb_context(storage.TRUSTED_ORDER)
 
 
 @contextmanager
@@ -595,7 +590,7 @@ def _row_chunks(indptr: np.ndarray, chunk_nnz: int) -> Iterator[tuple[int, int]]
 def _read_chunk(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, columns: np.ndarray,
                 n_var: int, path: str) -> sp.csr_matrix:
     """Rows [lo, hi) with atlas columns, in TileDB's global order: rows, then columns, strictly ascending.
-    X is written without TileDB's checks (_TRUSTED_ORDER), so a chunk that is not so is refused here."""
+    X is written without TileDB's checks (storage.TRUSTED_ORDER), so a chunk that is not so is refused here."""
     a, b = int(indptr[lo]), int(indptr[hi])
     indices = x["indices"][a:b]
     # (numpy would take a negative index from the end of `columns`)

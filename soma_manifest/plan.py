@@ -115,6 +115,16 @@ class Plan(_Frozen):
     def has_changes(self) -> bool:
         return self.create_atlas or bool(self.actions)
 
+    @property
+    def deletions(self) -> list[Action]:
+        """The actions whose cells leave the atlas for good: apply refuses them without allow_delete."""
+        return [a for a in self.actions if a.deletes_cells]
+
+    @property
+    def worker_steps(self) -> int:
+        """The samples with a step that runs on a worker (convert, ingest, obs update)."""
+        return sum(1 for a in self.actions if a.converts or a.ingests or "write_obs" in a.steps)
+
     def to_json(self) -> str:
         """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
         return self.model_dump_json(indent=1)

@@ -69,7 +69,7 @@ def plan_text(plan: Plan, *, verbose: bool = False, state: State | None = None) 
     if plan.actions or plan.create_atlas:
         lines.append("")
     lines.append(f"[bold]{summary_line(plan)}[/]")
-    if any(a.deletes_cells for a in plan.actions):
+    if plan.deletions:
         lines.append("[red]This plan deletes cells: apply needs --allow-delete.[/]")
     return "\n".join(lines)
 
@@ -79,7 +79,7 @@ def plan_markdown(plan: Plan) -> str:
     serial = plan.serial if plan.serial is not None else "none"
     out = [f"### soma-manifest plan for `{_md(plan.manifest)}`", "", f"**{summary_line(plan)}**", "",
            f"Atlas `{_md(plan.atlas)}`, state serial {serial}.", ""]
-    deleting = [a for a in plan.actions if a.deletes_cells]
+    deleting = plan.deletions
     if deleting:
         cells = sum(a.cells or 0 for a in deleting)
         out += [f"> **This plan deletes {cells:,} cells of {len(deleting)} removed sample(s)**: "

@@ -238,7 +238,7 @@ def test_ingest_refuses_too_small_domains_before_writing(tmp_path: Path, uri: st
                                                   ("negative", "outside its 30 genes")])
 def test_ingest_refuses_an_x_tiledb_would_not_check(tmp_path: Path, uri: str, schema: AtlasSchema, damage: str,
                                                     message: str) -> None:
-    """X is written without TileDB's order, duplicate and domain checks (atlas._TRUSTED_ORDER), so ingest
+    """X is written without TileDB's order, duplicate and domain checks (storage.TRUSTED_ORDER), so ingest
     checks each chunk itself: a damaged h5ad is refused, naming it, before any X entry is written."""
     sample = Sample(tmp_path, schema, "s1/a", GENES, cells=10, seed=13)
     [(start, _)] = _prepare(uri, schema, [sample])
