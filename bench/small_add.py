@@ -7,10 +7,10 @@ project, adds the fourth sample's raw folder and runs the `soma-manifest apply` 
 script, as users run it) in a fresh interpreter. The table gives the whole command's wall time against the
 1.5 s target, then what bounds it: `soma-manifest plan` on the same project (interpreter, the command
 line's imports, planning; no storage engine), one interpreter importing what apply imports
-(`import soma_manifest.apply` without Dask, as the command does on loky; ended with os._exit as the command
+(`import soma_manifest.apply` without Dask and zarr, as the command does; ended with os._exit as the command
 is, since the interpreter's own teardown took ~0.5 s more), and the run report's phases
-(logs/last-apply.json; its convert phase includes waiting for the worker's imports, which run beside the
-parent's). Median over the repetitions.
+(logs/last-apply.json). The heading names the executor apply chose (from its log): a sample this small runs
+inline, in apply's own process. Median over the repetitions.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def main() -> None:
     subprocess.run([*cli, "apply", str(base / "atlas.yaml"), "--processes", str(args.processes)], check=True,
                    capture_output=True)
 
-    # as the command imports it on loky: without Dask (see executors._without_dask)
+    # as the command imports it: without Dask and zarr (see executors._lean_imports)
     imports = statistics.median(timed([str(PYTHON), "-c", "from soma_manifest import executors; "
-                                       "executors._without_dask(); import soma_manifest.apply; import os; os._exit(0)"])
+                                       "executors._lean_imports(); import soma_manifest.apply; import os; os._exit(0)"])
                                 for _ in range(args.repeat))
-    walls, plans, reports = [], [], []
+    walls, plans, reports, executors = [], [], [], set()
     for _ in range(args.repeat):
         run = out / "run"
         shutil.rmtree(run, ignore_errors=True)
@@ -76,6 +76,8 @@ def main() -> None:
         plans.append(timed([*cli, "plan", str(run / "atlas.yaml")]))
         walls.append(timed([*cli, "apply", str(run / "atlas.yaml"), "--processes", str(args.processes)]))
         reports.append(json.loads((run / "logs" / "last-apply.json").read_text()))
+        log = Path(reports[-1]["log_file"]).read_text()
+        executors.add(log.split(" executor ", 1)[1].split(",", 1)[0])
         assert reports[-1]["succeeded"] == 1 and not reports[-1]["failed"], reports[-1]
     wall = statistics.median(walls)
 
@@ -83,7 +85,7 @@ def main() -> None:
         return statistics.median(r[f"{name}_seconds"] for r in reports)
 
     print(f"one sample ({last.parent.parent.name}/{last.name}) added to a {len(studies)}-study atlas of the small "
-          f"preset, {args.processes} processes, median of {args.repeat}\n")
+          f"preset, {args.processes} processes, executor {'/'.join(sorted(executors))}, median of {args.repeat}\n")
     print("| command wall ÷ 1.5 s target | command wall s | `plan` command s | interpreter + apply's imports s | "
           "convert s | ingest s | verify s | apply total s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -142,7 +142,7 @@ class Atlas:
             swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
             current, observations, state = self._plan()
             config = self._executor_config(processes, executor, scheduler, current)
-            if current.worker_steps and (allow_delete or not current.deletions):
+            if current.worker_actions and (allow_delete or not current.deletions):
                 # (not for an apply that will be refused, or that runs nothing on workers)
                 warm_up(config)  # the workers import the storage engine while this process does (below)
             from soma_manifest import apply as run
@@ -169,16 +169,19 @@ class Atlas:
 
     def _executor_config(self, processes: int | None, kind: str | None, scheduler: str | None,
                          plan: Plan) -> ExecutorConfig:
-        """Where the steps run: arguments first, then the manifest's executor block and processes; never more
-        loky workers than samples with steps (a one-sample apply converts and ingests on one warm worker)."""
-        from soma_manifest.executors import ExecutorConfig
+        """Where the steps run: arguments first, then the manifest's executor block and processes. On loky,
+        never more workers than samples with steps, and none for one small sample: its steps run inline."""
+        from soma_manifest.executors import INLINE_MAX_BYTES, ExecutorConfig
 
         block = self.manifest.spec.executor
         chosen = kind or ("dask" if scheduler else block.kind)
         address = scheduler or (block.address if chosen == "dask" else None)
         workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
         if chosen == "loky":
-            workers = max(1, min(workers, plan.worker_steps))
+            sampled = plan.worker_actions
+            if len(sampled) == 1 and sampled[0].raw_files and sampled[0].raw_bytes <= INLINE_MAX_BYTES:
+                return ExecutorConfig("inline", None, 1)
+            workers = max(1, min(workers, len(sampled)))
         return ExecutorConfig(chosen, address, workers)
 
     # --- checks and reads -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Where steps run: a loky pool on this machine, or a dask.distributed cluster. The only module that
-knows which one.
+"""Where steps run: a loky pool on this machine, a dask.distributed cluster, or, for an apply of one small
+sample, apply's own process. The only module that knows which one.
 
 The coordinator (apply) submits top-level step functions with small picklable arguments and consumes
 their Outcomes as they complete. Submissions wait in a local queue and reach the backend only when a
@@ -16,6 +16,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, Protocol
 
 from soma_manifest.errors import ExecutorError
@@ -25,9 +26,17 @@ from soma_manifest.steps import Outcome
 CONNECT_TIMEOUT_S = 20
 
 
+#: The largest raw sample (bytes of its files) whose steps run inline, in apply's own process, when it is the
+#: only sample of an apply on loky: about 1.5M nonzeros of gzipped MTX. A worker would do the same work after
+#: starting and importing the storage engine again (~1 s, bench/small_add.py). The bound keeps apply's own
+#: peak small (a 6 MB sample of 2.4M nonzeros took it from 199 to 354 MB) and a signal's wait for the running
+#: step short (under a second).
+INLINE_MAX_BYTES = 4 << 20
+
+
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """Which executor runs the steps: `loky`, or `dask` on `address` (None: a LocalCluster)."""
+    """Which executor runs the steps: `loky`, `dask` on `address` (None: a LocalCluster), or `inline`."""
 
     kind: str = "loky"
     address: str | None = None
@@ -112,16 +121,31 @@ def _quiet_worker() -> None:
     A blocked signal is never delivered, whatever handler is installed, in this thread and in the threads
     it starts later."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    _without_dask()
+    _lean_imports()
 
 
-def _without_dask() -> None:
-    """Keep Dask out of a process of ours that will not run it: anndata (which tiledbsoma imports) imports
-    dask.array whenever dask is installed, ~0.5 s of the ~1.2 s the storage engine takes to import, for
-    arrays this tool never hands it. With None in sys.modules, `find_spec("dask")` is None and anndata goes
-    without. Only in loky's workers and in a dedicated process (the command line) applying on loky."""
+def _lean_imports() -> None:
+    """Keep out of a process of ours two packages that anndata (which tiledbsoma imports) loads and this tool
+    never uses: Dask (~0.5 s) and zarr (~0.2 s), of the ~1.2 s the storage engine took to import.
+
+    - Dask: anndata imports dask.array whenever dask is installed. With None in sys.modules, `find_spec("dask")`
+      is None and anndata goes without, as when Dask is not installed.
+    - zarr: anndata needs it for zarr stores; this tool reads and writes h5ad files only. A placeholder module
+      stands in: anndata's `from zarr import Array, Group` gets two classes that no object is an instance of,
+      and any other use raises. (anndata is pinned to 0.12, and the suite runs every command with it.)
+
+    Only in loky's workers and in a dedicated process (the command line) applying on loky or inline."""
     if "dask" not in sys.modules:
         sys.modules["dask"] = None  # type: ignore[assignment]
+    if "zarr" not in sys.modules:
+        sys.modules["zarr"] = _zarr_placeholder()
+
+
+def _zarr_placeholder() -> ModuleType:
+    module = ModuleType("zarr", "A placeholder: this process uses no zarr stores (executors._lean_imports).")
+    module.Array = type("Array", (), {"__module__": "zarr"})  # type: ignore[attr-defined]
+    module.Group = type("Group", (), {"__module__": "zarr"})  # type: ignore[attr-defined]
+    return module
 
 
 def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args: object) -> Outcome:
@@ -199,7 +223,7 @@ def _loky_pool(processes: int):
 
 def dedicate_process() -> None:
     """Declare that this process runs soma-manifest only (the command line does): an apply on loky then
-    keeps Dask out of it too (see _without_dask). A library user's process is never changed so."""
+    keeps Dask and zarr out of it too (see _lean_imports). A library user's process is never changed so."""
     global _dedicated
     _dedicated = True
 
@@ -223,13 +247,41 @@ def _warm_imports() -> None:
 
 def warm_up(spec: ExecutorConfig) -> None:
     """Start the loky pool now and have each worker import the storage engine, while this process imports
-    it too (a one-sample apply waited ~1.2 s for each in turn). Returns at once; Dask workers are left alone."""
+    it too (an apply waited ~1.2 s for each in turn). Returns at once; Dask workers are left alone."""
+    if spec.kind != "dask" and _dedicated:
+        _lean_imports()
     if spec.kind == "loky":
-        if _dedicated:
-            _without_dask()
         pool = _loky_pool(spec.processes)
         for _ in range(spec.processes):
             pool.submit(_warm_imports)
+
+
+class InlineExecutor(_Queued):
+    """Steps run one at a time in this process, inside `wait`: for an apply of one small sample (the GitOps
+    case, one sample added on a merge), whose steps cost less than a worker's start (INLINE_MAX_BYTES).
+
+    A running step is not abandoned: a signal stops the apply when the step returns. A crash inside a step
+    ends apply with it, as a kill -9 would; the state, saved before every step, lets the next apply redo it."""
+
+    def _slots(self) -> int:
+        return 1
+
+    def _send(self, task: _Task) -> Any:
+        return object()  # a token: the step runs in wait, once the coordinator waits for it
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        self._fill()
+        outcomes = []
+        for token, task in list(self.running.items()):
+            outcomes.append(task.fn(*task.args))
+            del self.running[token]
+        return outcomes
+
+    def _abandon_running(self) -> None:
+        pass  # nothing runs between two waits
+
+    def shutdown(self) -> None:
+        self.queue.clear()
 
 
 class DaskExecutor(_Queued):
@@ -348,6 +400,8 @@ def _local_cluster(processes: int):
 
 
 def start_executor(spec: ExecutorConfig) -> StepExecutor:
+    if spec.kind == "inline":
+        return InlineExecutor()
     if spec.kind == "dask":
         return DaskExecutor(spec.address, spec.processes)
     return LokyExecutor(spec.processes)

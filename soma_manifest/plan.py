@@ -71,6 +71,16 @@ class Action(_Frozen):
         return "ingest" in self.steps
 
     @property
+    def runs_on_workers(self) -> bool:
+        """Has a step that runs on a worker (convert, ingest, obs update)."""
+        return self.converts or self.ingests or "write_obs" in self.steps
+
+    @property
+    def raw_bytes(self) -> int:
+        """The size of the sample's raw files, as planned."""
+        return sum(f.size for f in self.raw_files)
+
+    @property
     def deletes_cells(self) -> bool:
         """Cells leave the atlas for good (not replaced by a new version)."""
         return self.kind == "remove" and bool(self.cells)
@@ -121,9 +131,9 @@ class Plan(_Frozen):
         return [a for a in self.actions if a.deletes_cells]
 
     @property
-    def worker_steps(self) -> int:
+    def worker_actions(self) -> list[Action]:
         """The samples with a step that runs on a worker (convert, ingest, obs update)."""
-        return sum(1 for a in self.actions if a.converts or a.ingests or "write_obs" in a.steps)
+        return [a for a in self.actions if a.runs_on_workers]
 
     def to_json(self) -> str:
         """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
