@@ -125,18 +125,22 @@ def _quiet_worker() -> None:
 
 
 def _lean_imports() -> None:
-    """Keep out of a process of ours two packages that anndata (which tiledbsoma imports) loads and this tool
-    never uses: Dask (~0.5 s) and zarr (~0.2 s), of the ~1.2 s the storage engine took to import.
+    """Keep out of a process of ours three packages that the storage engine's import loads and this tool never
+    uses: Dask (~0.5 s), zarr (~0.2 s) and charset_normalizer (~0.08 s), of the ~1.2 s that import took.
 
-    - Dask: anndata imports dask.array whenever dask is installed. With None in sys.modules, `find_spec("dask")`
-      is None and anndata goes without, as when Dask is not installed.
+    - Dask: anndata (which tiledbsoma imports) imports dask.array whenever dask is installed. With None in
+      sys.modules, `find_spec("dask")` is None and anndata goes without, as when Dask is not installed.
+    - charset_normalizer: scipy's array-API layer reads every attribute of numpy, which imports numpy.f2py,
+      which imports charset_normalizer when it is installed (for requests, which no process of ours loads), to
+      guess the encoding of Fortran sources. With None, f2py goes without, as when it is not installed.
     - zarr: anndata needs it for zarr stores; this tool reads and writes h5ad files only. A placeholder module
       stands in: anndata's `from zarr import Array, Group` gets two classes that no object is an instance of,
       and any other use raises. (anndata is pinned to 0.12, and the suite runs every command with it.)
 
     Only in loky's workers and in a dedicated process (the command line) applying on loky or inline."""
-    if "dask" not in sys.modules:
-        sys.modules["dask"] = None  # type: ignore[assignment]
+    for absent in ("dask", "charset_normalizer"):
+        if absent not in sys.modules:
+            sys.modules[absent] = None  # type: ignore[assignment]
     if "zarr" not in sys.modules:
         sys.modules["zarr"] = _zarr_placeholder()
 
