@@ -459,3 +459,23 @@ def test_qc_percentages_are_the_sums_over_mito_and_ribosomal_genes() -> None:
         want = np.where(umi > 0, 100.0 * dense[:, genes].sum(axis=1) / np.maximum(umi, 1), 0.0)
         np.testing.assert_array_equal(qc[column], want, err_msg=column)
     assert qc["pct_mito"][7] == 0 and qc["umi_counts"][7] == 0
+
+
+def test_a_metadata_table_is_parsed_once_while_unchanged(tmp_path: Path) -> None:
+    """convert keeps a worker's last parsed metadata tables (a study's samples reuse them), and reads an edited
+    file again, also when the edit keeps its size."""
+    from soma_manifest import convert
+
+    path = tmp_path / "cells.tsv"
+    path.write_text("barcode\tcell_type\nAAAC-1\tT cell\nAAAG-1\tB cell\n")
+    first = convert._read_table(path)
+    assert convert._read_table(path) is first
+    assert list(first["cell_type"]) == ["T cell", "B cell"]
+    before = os.stat(path)
+    path.write_text("barcode\tcell_type\nAAAC-1\tNK cel\nAAAG-1\tB cell\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1))  # the same size; a clock tick later
+    assert os.stat(path).st_size == before.st_size
+    assert list(convert._read_table(path)["cell_type"]) == ["NK cel", "B cell"]
+    path.unlink()
+    with pytest.raises(SourceError, match="cannot parse metadata table"):
+        convert._read_table(path)
