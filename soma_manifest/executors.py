@@ -242,11 +242,16 @@ def stop_local_workers() -> None:
 
 
 def _warm_imports() -> None:
+    import gc
     import importlib
 
     # tiledbsoma and anndata: ~1.2 s, else paid by the worker's first step
     for module in ("soma_manifest.atlas", "soma_manifest.convert"):
         importlib.import_module(module)
+    # The garbage collector's full passes no longer walk the objects those imports made, which live as long
+    # as the worker: perf put the collector at 3.2% of a worker's CPU over three full-preset samples, 1.1%
+    # with them frozen.
+    gc.freeze()
 
 
 def warm_up(spec: ExecutorConfig) -> None:
