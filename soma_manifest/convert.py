@@ -297,7 +297,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         stat = os.stat(path)
     except OSError:
         return _parse_table(path, None)  # the same error as parsing it
-    return _parse_table(path, (stat.st_ino, stat.st_size, stat.st_mtime_ns))  # as plan's file stamps
+    return _parse_table(path, (stat.st_ino, stat.st_size, stat.st_mtime_ns))  # edited or replaced: read again
 
 
 @lru_cache(maxsize=2)  # a study's cell and sample metadata

@@ -15,16 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Project, apply_ok, assert_converged, make_sample, read_state, run_cli, start_cli)
+from conftest import Project, apply_ok, assert_converged, make_sample, read_state, run_cli, start_cli
 from soma_manifest import api, executors
 from soma_manifest.faults import ENV as CRASH_AT
 from soma_manifest.faults import PAUSE_ENV
 from soma_manifest.lock import lock_path
 
 
+def last_apply_log(project: Project) -> str:
+    return Path(json.loads((project.root / "logs" / "last-apply.json").read_text())["log_file"]).read_text()
+
+
 def executor_of_last_apply(project: Project) -> str:
-    log = json.loads((project.root / "logs" / "last-apply.json").read_text())["log_file"]
-    line = next(t for t in Path(log).read_text().splitlines() if " actions, " in t)
+    line = next(t for t in last_apply_log(project).splitlines() if " actions, " in t)
     return line.split("executor ")[1].split(",")[0]
 
 
@@ -40,8 +43,7 @@ def test_one_small_sample_added_runs_inline_and_round_trips(applied: Project) ->
     result = run_cli("apply", str(applied.manifest))  # the real command, in its own process
     assert result.returncode == 0, result.stderr
     assert executor_of_last_apply(applied) == "inline"
-    assert "study_b/s2: ingest done" in Path(json.loads(
-        (applied.root / "logs" / "last-apply.json").read_text())["log_file"]).read_text()
+    assert "study_b/s2: ingest done" in last_apply_log(applied)
     assert_converged(applied)
 
 
