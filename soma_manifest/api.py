@@ -169,19 +169,16 @@ class Atlas:
 
     def _executor_config(self, processes: int | None, kind: str | None, scheduler: str | None,
                          plan: Plan) -> ExecutorConfig:
-        """Where the steps run: arguments first, then the manifest's executor block and processes. On loky,
-        never more workers than samples with steps, and none for one small sample: its steps run inline."""
-        from soma_manifest.executors import INLINE_MAX_BYTES, ExecutorConfig
+        """Where the steps run: arguments first, then the manifest's executor block and processes (on loky,
+        sized to the plan's samples by executors.on_this_machine)."""
+        from soma_manifest.executors import ExecutorConfig, on_this_machine
 
         block = self.manifest.spec.executor
         chosen = kind or ("dask" if scheduler else block.kind)
         address = scheduler or (block.address if chosen == "dask" else None)
         workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
         if chosen == "loky":
-            sampled = plan.worker_actions
-            if len(sampled) == 1 and sampled[0].raw_files and sampled[0].raw_bytes <= INLINE_MAX_BYTES:
-                return ExecutorConfig("inline", None, 1)
-            workers = max(1, min(workers, len(sampled)))
+            return on_this_machine(workers, [a.raw_bytes for a in plan.worker_actions])
         return ExecutorConfig(chosen, address, workers)
 
     # --- checks and reads -------------------------------------------------------------------------

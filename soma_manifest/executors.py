@@ -62,7 +62,7 @@ class StepExecutor(Protocol):
 
 
 class _Queued:
-    """The local queue and slot accounting shared by both backends."""
+    """The local queue and slot accounting shared by every backend."""
 
     def __init__(self) -> None:
         self.queue: deque[_Task] = deque()
@@ -111,6 +111,10 @@ class _Queued:
 
     def _send(self, task: _Task) -> Any:
         raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Nothing stays queued (a backend that holds more releases it too)."""
+        self.queue.clear()
 
 
 def _quiet_worker() -> None:
@@ -164,7 +168,8 @@ def _while_coordinator_lives(coordinator: int, fn: Callable[..., Outcome], *args
 
 
 class LokyExecutor(_Queued):
-    """A reusable loky pool of `processes` workers on this machine (fork+exec: safe with tiledbsoma threads)."""
+    """A reusable loky pool of `processes` workers on this machine (fork+exec: safe with tiledbsoma threads).
+    The pool outlives shutdown, for the next apply in this process (loky reuses it)."""
 
     def __init__(self, processes: int) -> None:
         super().__init__()
@@ -204,10 +209,6 @@ class LokyExecutor(_Queued):
     def _abandon_running(self) -> None:
         # Steps still running are killed; their ranges stay "allocated" in the state and are redone.
         self.pool.shutdown(wait=False, kill_workers=True)
-
-    def shutdown(self) -> None:
-        """The pool stays up for the next apply in this process (loky reuses it); nothing is queued."""
-        self.queue.clear()
 
 
 _pool: Any = None  # the loky pool this process started last (loky reuses it)
@@ -288,9 +289,6 @@ class InlineExecutor(_Queued):
 
     def _abandon_running(self) -> None:
         pass  # nothing runs between two waits
-
-    def shutdown(self) -> None:
-        self.queue.clear()
 
 
 class DaskExecutor(_Queued):
@@ -406,6 +404,14 @@ def _local_cluster(processes: int):
     })
     return LocalCluster(n_workers=processes, threads_per_worker=1, processes=True, memory_limit=memory,
                         dashboard_address=":0", silence_logs=50, preload=[__name__])
+
+
+def on_this_machine(processes: int, sample_bytes: list[int]) -> ExecutorConfig:
+    """loky's config for an apply whose samples with steps have raw files of these sizes: inline for one
+    small sample (INLINE_MAX_BYTES), else never more workers than samples."""
+    if len(sample_bytes) == 1 and 0 < sample_bytes[0] <= INLINE_MAX_BYTES:
+        return ExecutorConfig("inline", None, 1)
+    return ExecutorConfig("loky", None, max(1, min(processes, len(sample_bytes))))
 
 
 def start_executor(spec: ExecutorConfig) -> StepExecutor:

@@ -100,7 +100,8 @@ def test_a_crash_inside_an_inline_ingest_then_apply_converges(tmp_path: Path) ->
         run.kill_session()
 
 
-def test_the_command_line_leaves_out_dask_zarr_and_charset_normalizer_and_still_reads_and_writes_h5ad(tmp_path: Path) -> None:
+def test_the_command_line_leaves_out_dask_zarr_and_charset_normalizer_and_still_reads_and_writes_h5ad(
+        tmp_path: Path) -> None:
     """What executors._lean_imports leaves out of the command's process: anndata's h5ad I/O works without."""
     code = f"""
 import sys
