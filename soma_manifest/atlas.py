@@ -647,9 +647,18 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
 
 # ---------------------------------------------------------------- verify
 
+#: Rows per read when counting X entries. TileDB sizes its read buffers by the query: two
+#: 5,000-cell samples (14.5M entries) read at once raised the reader's peak RSS by 525 MB; reading
+#: soma_dim_0 alone, 1,000-row reads add ~50 MB and count 30.8M entries in 0.82 s (all three
+#: columns in 500-row reads: 1.30 s). The ingest's read-back of its own sample reads more at a time
+#: (see ingest_sample).
+_COUNT_ROWS = 1000
 
-def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]) -> list[RangeStats]:
-    """Per [start, stop): cells in obs, distinct obs_ids, entries of the counts layer."""
+
+def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]], *,
+                rows_per_read: int = _COUNT_ROWS) -> list[RangeStats]:
+    """Per [start, stop): cells in obs, distinct obs_ids, entries of the counts layer (counted `rows_per_read`
+    cells at a time)."""
     members = _members(uri, schema)
     stats = []
     with soma.DataFrame.open(members.obs, context=_ctx()) as obs, \
@@ -657,7 +666,7 @@ def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]]) ->
         for start, stop in ranges:
             ids = _read_slices(obs, [(start, stop)], ["obs_id"])["obs_id"]
             stats.append(RangeStats(start, stop, cells=len(ids), obs_ids=pc.count_distinct(ids).as_py(),
-                                    nnz=_count_entries(counts, [(start, stop)])))
+                                    nnz=_count_entries(counts, [(start, stop)], rows_per_read)))
     return stats
 
 
@@ -704,19 +713,12 @@ def _read_slices(df: soma.DataFrame, ranges: list[tuple[int, int]], columns: lis
     return pa.concat_tables(tables) if tables else df.schema.empty_table().select(columns)
 
 
-#: Rows per read when counting X entries. TileDB sizes its read buffers by the query: two
-#: 5,000-cell samples (14.5M entries) read at once raised the reader's peak RSS by 525 MB; reading
-#: soma_dim_0 alone, 1,000-row reads add ~50 MB and count 30.8M entries in 0.82 s (all three
-#: columns in 500-row reads: 1.30 s).
-_COUNT_ROWS = 1000
-
-
-def _count_entries(x: soma.SparseNDArray, ranges: list[tuple[int, int]]) -> int:
+def _count_entries(x: soma.SparseNDArray, ranges: list[tuple[int, int]], rows_per_read: int = _COUNT_ROWS) -> int:
     # SparseNDArray.read has no column selection; its reader class (private) has, and soma_dim_0 alone
     # is 40% of the bytes to decode.
     return sum(len(t) for s in _clip(ranges, x.shape[0])
-               for lo in range(s.start, s.stop + 1, _COUNT_ROWS)
-               for t in ArrowTableRead(x, (slice(lo, min(lo + _COUNT_ROWS - 1, s.stop)),), ["soma_dim_0"],
+               for lo in range(s.start, s.stop + 1, rows_per_read)
+               for t in ArrowTableRead(x, (slice(lo, min(lo + rows_per_read - 1, s.stop)),), ["soma_dim_0"],
                                        clib.ResultOrder.unordered, None, None))
 
 
@@ -807,25 +809,29 @@ def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h
     used up (a gene mapping out of order sorts its arrays in place)."""
     var_ids = read_var_ids(uri, schema)
     if converted is not None:
-        cells = _ingest_with_rows(uri, schema, key, sample_joinid, _sample_in_memory(h5ad, converted, schema),
-                                  start, chunk_nnz, fence, var_ids)
+        written = _ingest_with_rows(uri, schema, key, sample_joinid, _sample_in_memory(h5ad, converted, schema),
+                                    start, chunk_nnz, fence, var_ids)
     else:
         with storage.local_file(h5ad) as local:  # one copy of an h5ad on S3
             try:
                 with _h5(local) as f:
-                    cells = _ingest_with_rows(uri, schema, key, sample_joinid, _read_sample(f, local, schema),
-                                              start, chunk_nnz, fence, var_ids)
+                    written = _ingest_with_rows(uri, schema, key, sample_joinid, _read_sample(f, local, schema),
+                                                start, chunk_nnz, fence, var_ids)
             except SourceError as exc:
                 if local == h5ad:
                     raise
                 raise SourceError(exc.message.replace(local, h5ad), where=h5ad, hint=exc.hint) from None
-    return range_stats(uri, schema, [(start, start + cells)])[0]
+    # Its own range is read back in reads of up to 2 x chunk_nnz entries: a 6.6M-entry sample of the full
+    # preset in one read took 0.16 s against 0.18 s in 1,000-row reads (medians of 18), and the worker's
+    # peak RSS, set by the writes, did not rise (bench/README.md, "Stop 19").
+    rows_per_read = max(1, written.cells * 2 * chunk_nnz // max(written.nnz, 1))
+    return range_stats(uri, schema, [(start, start + written.cells)], rows_per_read=rows_per_read)[0]
 
 
 def _ingest_with_rows(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, sample: _Sample, start: int,
-                      chunk_nnz: int, fence: Callable[[], None], var_ids: pd.Series) -> int:
+                      chunk_nnz: int, fence: Callable[[], None], var_ids: pd.Series) -> IngestStats:
     _write_sample_rows(uri, schema, sample_joinid, key, sample, start, var_ids)
-    return _ingest(uri, schema, sample, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids).cells
+    return _ingest(uri, schema, sample, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids)
 
 
 def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5ad: str, start: int) -> int:
