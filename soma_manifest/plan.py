@@ -6,7 +6,8 @@ the schema, those observations and the state. `plan` renders the Plan that `appl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -186,10 +187,7 @@ def _observe(manifest: LoadedManifest, state: State | None) -> Observations:
         by_study.setdefault(src.study, []).append(src)
     caches = {study: _study_cache(manifest, study, [s.sample for s in srcs], state)
               for study, srcs in by_study.items()}
-    observed = {}
-    for src in sources:
-        meta = caches[src.study].digests[src.sample]
-        observed[src.key] = _observe_sample(manifest, src, meta, previous.get(src.key))
+    observed = _observe_samples(manifest, sources, caches, previous)
     gone = {key: _why_gone(manifest, prev) for key, prev in previous.items() if key not in observed}
     return Observations(observed, caches, gone)
 
@@ -218,18 +216,52 @@ def _stamp(stat) -> FileStamp:
     return FileStamp.model_construct(path=stat.path, size=stat.size, mtime_ns=stat.mtime_ns, etag=stat.etag)
 
 
-def _observe_sample(manifest: LoadedManifest, src: SampleSource, meta: str, prev) -> Observed:
-    try:
-        paths = sample_files(src)
-        stamps = tuple(_stamp(s) for s in stat_files(paths, manifest.raw))
-        if prev is not None and tuple(prev.raw_files) == stamps and prev.raw_digest:
-            digest = prev.raw_digest
-        else:
-            digest = content_digest(paths, manifest.raw)
-    except SomaManifestError as exc:
-        return Observed(src, meta_digest=meta, error=exc.render())
-    h5ad_present = bool(prev and prev.h5ad and storage.exists(Location(prev.h5ad)))
-    return Observed(src, stamps, digest, meta, h5ad_present)
+def _observe_samples(manifest: LoadedManifest, sources: list[SampleSource], caches: dict[str, StudyCache],
+                     previous: dict) -> dict[str, Observed]:
+    """Stat every sample; the content digests that unchanged stats cannot reuse are computed afterwards,
+    on threads when there is much to read (_content_digests)."""
+    observed: dict[str, Observed] = {}
+    to_hash: dict[str, list[Location]] = {}
+    for src in sources:
+        meta, prev = caches[src.study].digests[src.sample], previous.get(src.key)
+        try:
+            paths = sample_files(src)
+            stamps = tuple(_stamp(s) for s in stat_files(paths, manifest.raw))
+        except SomaManifestError as exc:
+            observed[src.key] = Observed(src, meta_digest=meta, error=exc.render())
+            continue
+        reused = prev is not None and tuple(prev.raw_files) == stamps and prev.raw_digest
+        h5ad_present = bool(prev and prev.h5ad and storage.exists(Location(prev.h5ad)))
+        observed[src.key] = Observed(src, stamps, prev.raw_digest if reused else "", meta, h5ad_present)
+        if not reused:
+            to_hash[src.key] = paths
+    size = sum(stamp.size for key in to_hash for stamp in observed[key].files)
+    for key, digest in zip(to_hash, _content_digests(list(to_hash.values()), manifest.raw, size)):
+        seen = observed[key]
+        observed[key] = (replace(seen, raw_digest=digest) if isinstance(digest, str)
+                         else Observed(seen.source, meta_digest=seen.meta_digest, error=digest.render()))
+    return observed
+
+
+#: Threads that digest raw files, used when there are more than _DIGEST_THREADED_BYTES to read or the files
+#: are on S3: blake2b and file reads release the GIL, and S3 reads wait on the network. On the full bench
+#: preset (16 samples, 560 MB) the digests took 0.58 s in one thread and 0.3 s on 2 cores.
+_DIGEST_THREADS = 8
+_DIGEST_THREADED_BYTES = 64 << 20
+
+
+def _content_digests(samples: list[list[Location]], root: Location, size: int) -> list[str | SomaManifestError]:
+    """Each sample's content digest, or the error that names its unreadable file."""
+    def digest(paths: list[Location]) -> str | SomaManifestError:
+        try:
+            return content_digest(paths, root)
+        except SomaManifestError as exc:
+            return exc
+
+    if len(samples) < 2 or (size < _DIGEST_THREADED_BYTES and not root.is_remote):
+        return [digest(paths) for paths in samples]
+    with ThreadPoolExecutor(min(_DIGEST_THREADS, len(samples)), thread_name_prefix="digest") as pool:
+        return list(pool.map(digest, samples))
 
 
 def atlas_present(uri: Location) -> bool:

@@ -104,3 +104,17 @@ def test_atlas_with_the_old_gene_optimized_layout_is_refused(tmp_path: Path) -> 
     assert cells_only.structure == _digest({
         "measurement": "RNA", "obs": [("barcode", "string")], "var": [("gene_symbol", "string")],
         "layers": [("raw", "int32", "cells")], "genes": "union"})
+
+
+def test_digests_computed_on_threads_are_each_samples_own(project: Project, monkeypatch) -> None:
+    from soma_manifest import plan as plan_module
+
+    manifest = load_manifest(project.manifest)
+
+    def digests() -> list[tuple[str, str]]:
+        return [(key, seen.raw_digest) for key, seen in observe(manifest, None).samples.items()]
+
+    serial = digests()  # a few KB: one thread
+    monkeypatch.setattr(plan_module, "_DIGEST_THREADED_BYTES", 0)
+    assert digests() == serial
+    assert [key for key, _ in serial] == sorted(project.samples) and len({d for _, d in serial}) == 3
