@@ -129,8 +129,9 @@ def _quiet_worker() -> None:
 
 
 def _lean_imports() -> None:
-    """Keep out of a process of ours three packages that the storage engine's import loads and this tool never
-    uses: Dask (~0.5 s), zarr (~0.2 s) and charset_normalizer (~0.08 s), of the ~1.2 s that import took.
+    """Keep out of a process of ours four packages that the storage engine's import loads and this tool never
+    uses: Dask (~0.5 s), zarr (~0.2 s), charset_normalizer (~0.08 s) and shapely (~0.06 s), of the ~1.2 s that
+    import took.
 
     - Dask: anndata (which tiledbsoma imports) imports dask.array whenever dask is installed. With None in
       sys.modules, `find_spec("dask")` is None and anndata goes without, as when Dask is not installed.
@@ -140,19 +141,30 @@ def _lean_imports() -> None:
     - zarr: anndata needs it for zarr stores; this tool reads and writes h5ad files only. A placeholder module
       stands in: anndata's `from zarr import Array, Group` gets two classes that no object is an instance of,
       and any other use raises. (anndata is pinned to 0.12, and the suite runs every command with it.)
+    - shapely: tiledbsoma's spatial types (scenes, geometry and point-cloud dataframes) use it; an atlas has
+      none. Placeholders stand in the same way: somacore's import-time `shapely.geometry.base.BaseGeometry`
+      is a class of its own. (tiledbsoma is pinned to 2.3.)
 
     Only in loky's workers and in a dedicated process (the command line) applying on loky or inline."""
     for absent in ("dask", "charset_normalizer"):
         if absent not in sys.modules:
             sys.modules[absent] = None  # type: ignore[assignment]
     if "zarr" not in sys.modules:
-        sys.modules["zarr"] = _zarr_placeholder()
+        sys.modules["zarr"] = _placeholder("zarr", "Array", "Group")
+    if "shapely" not in sys.modules:
+        base = _placeholder("shapely.geometry.base", "BaseGeometry")
+        geometry = _placeholder("shapely.geometry", base=base)
+        sys.modules.update({"shapely": _placeholder("shapely", geometry=geometry), "shapely.geometry": geometry,
+                            "shapely.geometry.base": base})
 
 
-def _zarr_placeholder() -> ModuleType:
-    module = ModuleType("zarr", "A placeholder: this process uses no zarr stores (executors._lean_imports).")
-    module.Array = type("Array", (), {"__module__": "zarr"})  # type: ignore[attr-defined]
-    module.Group = type("Group", (), {"__module__": "zarr"})  # type: ignore[attr-defined]
+def _placeholder(name: str, *classes: str, **submodules: ModuleType) -> ModuleType:
+    """A module that only has these classes (of its own, so no object is an instance of them) and submodules."""
+    module = ModuleType(name, "A placeholder: this process never uses this package (executors._lean_imports).")
+    for cls in classes:
+        setattr(module, cls, type(cls, (), {"__module__": name}))
+    for attr, sub in submodules.items():
+        setattr(module, attr, sub)
     return module
 
 

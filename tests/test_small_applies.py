@@ -2,7 +2,8 @@
 runs its steps inline, in apply's own process, instead of starting a worker that would import the storage
 engine again; a larger one, or two samples, still go to loky's workers. Inline steps keep apply's guarantees:
 the same round trip, a signal lets the running step finish and then stops, a crash inside a step leaves a
-state the next apply converges from. And the command's processes leave out Dask, zarr and charset_normalizer."""
+state the next apply converges from. And the command's processes leave out Dask, zarr, charset_normalizer and
+shapely."""
 
 from __future__ import annotations
 
@@ -100,22 +101,27 @@ def test_a_crash_inside_an_inline_ingest_then_apply_converges(tmp_path: Path) ->
         run.kill_session()
 
 
-def test_the_command_line_leaves_out_dask_zarr_and_charset_normalizer_and_still_reads_and_writes_h5ad(
-        tmp_path: Path) -> None:
-    """What executors._lean_imports leaves out of the command's process: anndata's h5ad I/O works without."""
+def test_the_command_line_leaves_out_four_packages_and_still_reads_and_writes_h5ad_and_soma(tmp_path: Path) -> None:
+    """What executors._lean_imports leaves out of the command's process (Dask, zarr, charset_normalizer,
+    shapely): anndata's h5ad I/O, and the storage engine's experiment write, query and read, work without."""
     code = f"""
 import sys
 from soma_manifest import executors
 executors._lean_imports()
-import anndata, numpy as np, pandas as pd, scipy.sparse as sp
+import anndata, numpy as np, pandas as pd, scipy.sparse as sp, tiledbsoma, tiledbsoma.io
 import soma_manifest.apply, soma_manifest.convert
 assert sys.modules["dask"] is None and sys.modules["charset_normalizer"] is None, "a real package was loaded"
 assert not hasattr(sys.modules["zarr"], "open"), "the real zarr was loaded"
+assert not hasattr(sys.modules["shapely"], "box"), "the real shapely was loaded"
 X = sp.random(20, 10, density=0.3, format="csr", dtype=np.float32, random_state=0)
 a = anndata.AnnData(X, obs=pd.DataFrame({{"c": list("ab") * 10}}, index=[str(i) for i in range(20)]))
 a.write_h5ad({str(tmp_path / "x.h5ad")!r})
 b = anndata.read_h5ad({str(tmp_path / "x.h5ad")!r})
 assert (b.X != X).nnz == 0 and list(b.obs["c"]) == list(a.obs["c"])
+uri = tiledbsoma.io.from_anndata({str(tmp_path / "exp")!r}, b, "RNA")
+with tiledbsoma.Experiment.open(uri) as exp:
+    c = exp.axis_query("RNA", obs_query=tiledbsoma.AxisQuery(coords=(slice(2, 5),))).to_anndata("data")
+assert (c.X != X[2:6]).nnz == 0 and list(c.obs["c"]) == list(a.obs["c"][2:6])
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
