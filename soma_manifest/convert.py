@@ -219,7 +219,7 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(umi > 0, 100.0 * part / np.maximum(umi, 1), 0.0)
 
-    mito, ribo = _row_sums_over(counts, genes(schema.qc.mito_prefixes), genes(schema.qc.ribo_prefixes))
+    mito, ribo = _row_sums_over(counts, umi, genes(schema.qc.mito_prefixes), genes(schema.qc.ribo_prefixes))
     # scVI's library prior (_init_library_size): natural log of each cell's total counts (0 for an
     # empty cell), mean and population variance over the sample's cells, the same for every cell.
     log_library = np.log(umi, out=np.zeros(len(umi)), where=umi > 0)
@@ -227,20 +227,14 @@ def _qc(counts: sp.csr_matrix, symbols: np.ndarray, schema: AtlasSchema) -> dict
             "log_mean": np.full(len(umi), log_library.mean()), "log_var": np.full(len(umi), log_library.var())}
 
 
-def _row_sums_over(counts: sp.csr_matrix, *gene_sets: np.ndarray) -> list[np.ndarray]:
-    """Each cell's total count over the genes where each of `gene_sets` is True (at most 8 sets). Only the
-    entries of those few genes are summed (the row of each found by its position in indptr), after one
-    pass over all entries for every set at once, without the int64 copy of all counts a product makes
-    (0.04-0.05 s against 0.05-0.19 s on 8.7M entries; a column selection is ~5x slower).
-    Exact: integer sums far below 2**53."""
-    flags = np.zeros(counts.shape[1], dtype=np.uint8)
-    for bit, genes in enumerate(gene_sets):
-        flags |= genes.astype(np.uint8) << bit
-    hits = np.flatnonzero(flags[counts.indices])
-    cells = np.searchsorted(counts.indptr, hits, side="right") - 1
-    found, values = flags[counts.indices[hits]], counts.data[hits]
-    return [np.bincount(cells, weights=np.where(found & (1 << bit), values, 0), minlength=counts.shape[0])
-            for bit in range(len(gene_sets))]
+def _row_sums_over(counts: sp.csr_matrix, row_totals: np.ndarray, *gene_sets: np.ndarray) -> list[np.ndarray]:
+    """Each cell's total count over the genes where each of `gene_sets` is True: one sparse matrix-vector
+    product per set, in the counts' own dtype when every cell's total (`row_totals`) fits it, so without a
+    copy of the counts (0.013 s against 0.035 s for a one-pass gather of the sets' entries, on 6.6M int32
+    entries). Exact: no partial sum exceeds its cell's total, and float sums of integers stay far below 2**53."""
+    if counts.dtype.kind in "iu" and len(row_totals) and row_totals.max() > np.iinfo(counts.dtype).max:
+        counts = counts.astype(np.int64)
+    return [counts @ genes.astype(counts.dtype) for genes in gene_sets]
 
 
 def _to_universe(counts: sp.csr_matrix, ids: np.ndarray, symbols: np.ndarray, schema: AtlasSchema):

@@ -459,6 +459,12 @@ def test_qc_percentages_are_the_sums_over_mito_and_ribosomal_genes() -> None:
         want = np.where(umi > 0, 100.0 * dense[:, genes].sum(axis=1) / np.maximum(umi, 1), 0.0)
         np.testing.assert_array_equal(qc[column], want, err_msg=column)
     assert qc["pct_mito"][7] == 0 and qc["umi_counts"][7] == 0
+    # A cell whose mito sum alone overflows int32: summed in int64, still exact.
+    big = sp.csr_matrix(np.array([[2_000_000_000, 2_000_000_000, 0, 0, 0, 7] + [0] * 54, [0] * 59 + [1]],
+                                 dtype=np.int32))
+    qc = convert._qc(big, symbols, load_schema(DEFAULT_SCHEMA))
+    assert list(qc["umi_counts"]) == [4_000_000_007, 1]
+    assert list(qc["pct_mito"]) == [100.0 * 4_000_000_000 / 4_000_000_007, 0.0]
 
 
 def test_a_metadata_table_is_parsed_once_while_unchanged(tmp_path: Path) -> None:
