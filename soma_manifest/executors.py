@@ -130,7 +130,7 @@ def _quiet_worker() -> None:
 
 def _lean_imports() -> None:
     """Keep out of a process of ours four packages that the storage engine's import loads and this tool never
-    uses: Dask (~0.5 s), zarr (~0.2 s), charset_normalizer (~0.08 s) and shapely (~0.06 s), of the ~1.2 s that
+    uses: Dask (~0.5 s), zarr (~0.2 s), charset_normalizer (~0.08 s) and shapely (~0.02 s), of the ~1.2 s that
     import took.
 
     - Dask: anndata (which tiledbsoma imports) imports dask.array whenever dask is installed. With None in

@@ -244,8 +244,8 @@ def _observe_samples(manifest: LoadedManifest, sources: list[SampleSource], cach
 
 
 #: Threads that digest raw files, used when there are more than _DIGEST_THREADED_BYTES to read or the files
-#: are on S3: blake2b and file reads release the GIL, and S3 reads wait on the network. On the full bench
-#: preset (16 samples, 560 MB) the digests took 0.58 s in one thread and 0.3 s on 2 cores.
+#: are on S3: blake2b and file reads release the GIL, and S3 reads wait on the network. A plan of the full bench
+#: preset (16 new samples, 560 MB) took 0.71-0.88 s with the digests in one thread, 0.46-0.49 s on 2 cores.
 _DIGEST_THREADS = 8
 _DIGEST_THREADED_BYTES = 64 << 20
 
