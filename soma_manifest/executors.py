@@ -239,8 +239,9 @@ def _loky_pool(processes: int):
 
 
 def dedicate_process() -> None:
-    """Declare that this process runs soma-manifest only (the command line does): an apply on loky then
-    keeps Dask and zarr out of it too (see _lean_imports). A library user's process is never changed so."""
+    """Declare that this process runs soma-manifest only (the command line does): an apply on loky or inline
+    then leaves out of it the packages _lean_imports names, as the workers do. A library user's process is
+    never changed so."""
     global _dedicated
     _dedicated = True
 
