@@ -92,7 +92,7 @@ class Run:
     chunk_nnz: int = DEFAULT_CHUNK_NNZ
     grace: float = DEFAULT_GRACE_S
     report: ApplyReport = field(default_factory=ApplyReport)
-    read_back: dict[str, atlas.RangeStats] = field(default_factory=dict)  # ranges as the steps read them back
+    read_back: dict[str, atlas.RangeStats] = field(default_factory=dict)  # ranges as the steps checked them
 
     @property
     def uri(self) -> str:

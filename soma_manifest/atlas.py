@@ -79,6 +79,7 @@ _ARROW = {
 class IngestStats:
     cells: int
     nnz: int
+    stamp: int  # the TileDB timestamp its obs and X fragments were written at
 
 
 @dataclass(frozen=True)
@@ -522,7 +523,7 @@ def _ingest(uri: str, schema: AtlasSchema, sample: _Sample, start: int, *, chunk
                 cells = rows.astype(np.int64)
                 cells += start
                 _write_chunk(arrays, by_genes, cells, genes, by_column.data[a:b], totals[rows] if derived else None)
-    return IngestStats(cells=n_obs, nnz=int(sample.indptr[-1]))
+    return IngestStats(cells=n_obs, nnz=int(sample.indptr[-1]), stamp=stamp)
 
 
 def _major_index(indptr: np.ndarray) -> np.ndarray:
@@ -650,24 +651,27 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
 #: Rows per read when counting X entries. TileDB sizes its read buffers by the query: two
 #: 5,000-cell samples (14.5M entries) read at once raised the reader's peak RSS by 525 MB; reading
 #: soma_dim_0 alone, 1,000-row reads add ~50 MB and count 30.8M entries in 0.82 s (all three
-#: columns in 500-row reads: 1.30 s). The ingest's read-back of its own sample reads more at a time
+#: columns in 500-row reads: 1.30 s). An ingest that must count its own sample reads more at a time
 #: (see ingest_sample).
 _COUNT_ROWS = 1000
 
 
 def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]], *,
-                rows_per_read: int = _COUNT_ROWS) -> list[RangeStats]:
+                rows_per_read: int = _COUNT_ROWS, nnz: list[int] | None = None) -> list[RangeStats]:
     """Per [start, stop): cells in obs, distinct obs_ids, entries of the counts layer (counted `rows_per_read`
-    cells at a time)."""
+    cells at a time, unless the caller knows them: `nnz`, one per range)."""
     members = _members(uri, schema)
-    stats = []
-    with soma.DataFrame.open(members.obs, context=_ctx()) as obs, \
-            soma.SparseNDArray.open(members.layers[schema.counts_layer.name], context=_ctx()) as counts:
-        for start, stop in ranges:
-            ids = _read_slices(obs, [(start, stop)], ["obs_id"])["obs_id"]
-            stats.append(RangeStats(start, stop, cells=len(ids), obs_ids=pc.count_distinct(ids).as_py(),
-                                    nnz=_count_entries(counts, [(start, stop)], rows_per_read)))
-    return stats
+    with soma.DataFrame.open(members.obs, context=_ctx()) as obs:
+        cells = [_cells_and_ids(_read_slices(obs, [(start, stop)], ["obs_id"])["obs_id"]) for start, stop in ranges]
+    if nnz is None:
+        with soma.SparseNDArray.open(members.layers[schema.counts_layer.name], context=_ctx()) as counts:
+            nnz = [_count_entries(counts, [(start, stop)], rows_per_read) for start, stop in ranges]
+    return [RangeStats(start, stop, cells=n_cells, obs_ids=n_ids, nnz=n)
+            for (start, stop), (n_cells, n_ids), n in zip(ranges, cells, nnz)]
+
+
+def _cells_and_ids(obs_ids: pa.ChunkedArray) -> tuple[int, int]:
+    return len(obs_ids), pc.count_distinct(obs_ids).as_py()
 
 
 def obs_joinids_outside(uri: str, ranges: list[tuple[int, int]]) -> list[int]:
@@ -804,7 +808,8 @@ def _presence_columns(var_ids: pd.Series, genes: pd.Index, where: str) -> np.nda
 def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h5ad: str, start: int, *,
                   chunk_nnz: int, fence: Callable[[], None], converted: anndata.AnnData | None = None) -> RangeStats:
     """apply's ingest of one sample: its samples-table and presence rows first (so a range whose cells
-    were written always has them, to be deleted with it), then its cells; returns its range read back.
+    were written always has them, to be deleted with it), then its cells; returns its range for the quick
+    verify: cells and distinct obs ids read back, X entries as committed (_entries_committed_at).
     `converted`: the sample as this worker converted it, when it still holds it (its h5ad is not read); it is
     used up (a gene mapping out of order sorts its arrays in place)."""
     var_ids = read_var_ids(uri, schema)
@@ -821,11 +826,31 @@ def ingest_sample(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, h
                 if local == h5ad:
                     raise
                 raise SourceError(exc.message.replace(local, h5ad), where=h5ad, hint=exc.hint) from None
-    # Its own range is read back in reads of up to 2 x chunk_nnz entries: a 6.6M-entry sample of the full
-    # preset in one read took 0.16 s against 0.18 s in 1,000-row reads (medians of 18), and the worker's
-    # peak RSS, set by the writes, did not rise (bench/README.md, "Stop 19").
+    stop = start + written.cells
+    counts_uri = _members(uri, schema).layers[schema.counts_layer.name]
+    if _entries_committed_at(counts_uri, written.stamp) == written.nnz:
+        return range_stats(uri, schema, [(start, stop)], nnz=[written.nnz])[0]
+    # Another ingest wrote at the same millisecond (or this one lost entries): count by reading the range,
+    # in reads of up to 2 x chunk_nnz entries (bench/README.md, "Stop 19").
     rows_per_read = max(1, written.cells * 2 * chunk_nnz // max(written.nnz, 1))
-    return range_stats(uri, schema, [(start, start + written.cells)], rows_per_read=rows_per_read)[0]
+    return range_stats(uri, schema, [(start, stop)], rows_per_read=rows_per_read)[0]
+
+
+def _entries_committed_at(array_uri: str, stamp: int) -> int:
+    """Cells of the array's fragments committed at exactly `stamp` (ms), from their fragment metadata.
+
+    Reading a 6.6M-entry sample's range back to count it took 0.16 s; this takes ~5 ms. Two opens, as the
+    array opened at [stamp, stamp] alone lacks the metadata written when it was created. A fragment of
+    another timestamp that lands between the opens only makes the difference wrong, and the caller counts.
+    """
+    cells = []
+    for end in (stamp - 1, stamp):
+        handle = clib.SOMAArray.open(array_uri, clib.OpenMode.soma_read, _ctx().native_context, timestamp=(0, end))
+        try:
+            cells.append(handle.fragment_cell_count())
+        finally:
+            handle.close()
+    return cells[1] - cells[0]
 
 
 def _ingest_with_rows(uri: str, schema: AtlasSchema, key: str, sample_joinid: int, sample: _Sample, start: int,

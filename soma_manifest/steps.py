@@ -88,7 +88,7 @@ def convert_step(lease: Lease, job, schema: AtlasSchema) -> Outcome:
 
 @dataclass(frozen=True)
 class Ingested:
-    stats: Any  # atlas.RangeStats: the range as read back (apply's quick verify)
+    stats: Any  # atlas.RangeStats: the range as written (apply's quick verify; see atlas.ingest_sample)
     from_memory: bool  # this worker still held the converted sample: its h5ad was not read
 
 
@@ -99,8 +99,8 @@ def ingest_step(lease: Lease, key: str, uri: str, schema: AtlasSchema, h5ad: str
 
     def ingest(check: Callable[[], None]) -> Ingested:
         converted = handoff.take(h5ad)
-        # The range is read back here, on the worker, while other samples still convert and ingest; in
-        # the coordinator, at the end, it was serial (4.7 s of a 32 s apply on the full preset).
+        # The range is checked here, on the worker, while other samples still convert and ingest; in
+        # the coordinator, at the end, reading it back was serial (4.7 s of a 32 s apply on the full preset).
         return Ingested(ingest_sample(uri, schema, key, sample_joinid, h5ad, start, chunk_nnz=chunk_nnz,
                                       fence=check, converted=converted), converted is not None)
 

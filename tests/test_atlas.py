@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -144,7 +146,7 @@ def test_parallel_ingest_round_trips(tmp_path: Path, uri: str, schema: AtlasSche
     futures = [executor.submit(atlas.ingest_h5ad, uri, schema, s.path, start, chunk_nnz=50)
                for s, (start, _) in zip(samples, ranges)]
     stats = [f.result() for f in futures]
-    assert stats == [atlas.IngestStats(cells=s.n, nnz=s.adata.X.nnz) for s in samples]
+    assert [(s.cells, s.nnz) for s in stats] == [(s.n, s.adata.X.nnz) for s in samples]
     for sample, (start, _) in zip(samples, ranges):
         _assert_holds(uri, schema, sample, start)
     assert atlas.obs_joinids_outside(uri, ranges) == []
@@ -164,6 +166,35 @@ def test_delete_then_reingest_is_always_visible(tmp_path: Path, uri: str, schema
     atlas.delete_obs_range(uri, schema, start, stop)
     assert atlas.range_stats(uri, schema, [(start, stop)])[0].cells == 0
     assert atlas.count_x_outside(uri, schema, []) == 0  # every layer emptied, not just the counts
+
+
+def test_ingest_counts_its_entries_from_what_it_committed_and_reads_when_a_stamp_is_shared(
+        tmp_path: Path, uri: str, schema: AtlasSchema, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ingest_sample takes the range's X entries from the fragments committed at its own timestamp; when
+    another ingest committed at the same millisecond, those are not all its own, and it counts the range."""
+    first = Sample(tmp_path, schema, "s1/a", GENES, cells=30, seed=12)
+    second = Sample(tmp_path, schema, "s1/b", GENES, cells=20, seed=13, density=0.5)
+    ranges = _prepare(uri, schema, [first, second])
+    atlas.resize_samples(uri, schema, 2)
+    counted = []
+    real_count = atlas._count_entries
+    monkeypatch.setattr(atlas, "_count_entries", lambda *args: counted.append(args[1]) or real_count(*args))
+    stamps = []
+    real_mutation = atlas._mutation
+
+    @contextmanager
+    def shared_stamp() -> Iterator[int]:
+        with real_mutation() as stamp:
+            stamps.append(stamps[0] if stamps else stamp)  # every mutation at the first one's stamp
+            yield stamps[-1]
+
+    monkeypatch.setattr(atlas, "_mutation", shared_stamp)
+    stats = [atlas.ingest_sample(uri, schema, key, i, s.path, start, chunk_nnz=100, fence=lambda: None)
+             for i, (key, s, (start, _)) in enumerate(zip(["s1/a", "s1/b"], [first, second], ranges))]
+    assert stats == [atlas.RangeStats(start, stop, cells=s.n, obs_ids=s.n, nnz=s.adata.X.nnz)
+                     for s, (start, stop) in zip([first, second], ranges)]
+    assert counted == [[ranges[1]]]  # only the second ingest read its range back
+    assert len(set(stamps)) == 1
 
 
 def test_mutations_get_increasing_timestamps() -> None:
