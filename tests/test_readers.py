@@ -341,6 +341,14 @@ def test_malformed_features_line(tmp_path: Path) -> None:
     assert err.message == "expected 3 tab-separated columns (id, name, type), found ['ENSG02']"
 
 
+def test_features_lines_of_unequal_widths_are_refused_even_when_the_fields_add_up(tmp_path: Path) -> None:
+    """2 + 4 fields make as many as two lines of 3: each line is checked, not only the total."""
+    features = [TINY_FEATURES[0], ("ENSG02", "B2M"), (*TINY_FEATURES[2], "extra")]
+    err = read_error("mtx", write_tiny_mtx(tmp_path / "s", features=features))
+    assert err.where == f"{tmp_path / 's' / 'features.tsv'}:2"
+    assert err.message == "expected 3 tab-separated columns (id, name, type), found ['ENSG02', 'B2M']"
+
+
 def test_duplicate_barcodes(tmp_path: Path) -> None:
     folder = write_tiny_mtx(tmp_path / "s", barcodes=["AAAC-1", "AAAG-1", "AAAC-1"],
                             matrix=TINY_MTX.replace("3 2 2", "3 3 2"))
