@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -76,12 +77,30 @@ def convert_in_memory(job: ConvertJob, schema: AtlasSchema) -> tuple[ConvertResu
     with _raw_on_disk(job) as local:
         adata, dropped, mapping = _convert(local, schema)
     with storage.staged_file(Location(job.h5ad_path)) as tmp:
-        # Uncompressed: the ingest reads it right back, and compression costs more than the disk saves.
-        # Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
-        # write's time), and the atlas stores plain strings anyway.
-        adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
+        _write_h5ad(adata, tmp)
     return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping,
                          adata.var), adata
+
+
+def _write_h5ad(adata: ad.AnnData, path: str) -> None:
+    """The intermediate h5ad. Uncompressed: the ingest reads it right back, and compression costs more than the
+    disk saves. Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
+    write's time), and the atlas stores plain strings anyway.
+
+    X's arrays are contiguous: anndata writes a sparse X's arrays chunked and resizable, for appending, which
+    an intermediate never needs; that took 130-160 ms for a 6.6M-entry sample, against 58-73 ms for anndata
+    writing everything else around an empty X whose three arrays are then replaced.
+    """
+    x = adata.X
+    adata.X = sp.csr_matrix(x.shape, dtype=x.dtype)
+    try:
+        adata.write_h5ad(path, convert_strings_to_categoricals=False)
+    finally:
+        adata.X = x
+    with h5py.File(path, "r+") as f:
+        for name in ("data", "indices", "indptr"):
+            del f["X"][name]
+            f["X"].create_dataset(name, data=getattr(x, name))
 
 
 @contextmanager
