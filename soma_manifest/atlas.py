@@ -502,14 +502,15 @@ def _ingest(uri: str, schema: AtlasSchema, sample: _Sample, start: int, *, chunk
         crash_point("worker_ingest_after_obs")
         # Gene-optimized layers need whole genes, i.e. the whole sample: read it once for all layers.
         whole = _read_chunk(sample.x, sample.indptr, 0, n_obs, columns, n_var, sample.path) if by_genes else None
+        increasing = bool(np.all(columns[1:] > columns[:-1]))
         for lo, hi in _row_chunks(sample.indptr, chunk_nnz) if by_cells else ():
             fence()
-            chunk = whole[lo:hi] if whole is not None else _read_chunk(sample.x, sample.indptr, lo, hi, columns,
-                                                                       n_var, sample.path)
+            chunk = _as_chunk(whole[lo:hi]) if whole is not None else _cells_chunk(sample, lo, hi, columns, n_var,
+                                                                                   increasing)
             rows = _major_index(chunk.indptr)
             totals = _row_totals(rows, chunk.data, hi - lo)[rows] if derived else None
             rows += start + lo  # in place, as below: each copy of a 5M-entry chunk's coordinates is 40 MB
-            _write_chunk(arrays, by_cells, rows, chunk.indices.astype(np.int64, copy=False), chunk.data, totals)
+            _write_chunk(arrays, by_cells, rows, chunk.indices, chunk.data, totals)
         if whole is not None:
             totals = _row_totals(_major_index(whole.indptr), whole.data, n_obs) if derived else None
             by_column = whole.tocsc()  # of a canonical CSR: rows strictly ascending in each column, (gene, cell)
@@ -588,16 +589,50 @@ def _row_chunks(indptr: np.ndarray, chunk_nnz: int) -> Iterator[tuple[int, int]]
         lo = hi
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows of a sample in CSR form, with atlas columns as int64 (what the write takes)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+def _as_chunk(csr: sp.csr_matrix) -> _Chunk:
+    return _Chunk(csr.indptr, csr.indices.astype(np.int64, copy=False), csr.data)
+
+
+def _cells_chunk(sample: _Sample, lo: int, hi: int, columns: np.ndarray, n_var: int, increasing: bool) -> _Chunk:
+    """Rows [lo, hi) with atlas columns, in TileDB's global order (see _read_chunk).
+
+    With an `increasing` gene mapping, atlas columns are in order when the sample's own are: that is checked on
+    the sample's columns, and the atlas ones are gathered straight into int64 (27-36 ms against 50 ms for
+    _read_chunk and the cast, for a 6.6M-entry sample). Otherwise _read_chunk sorts them or refuses them."""
+    if increasing:
+        a, b, indices = _chunk_indices(sample.x, sample.indptr, lo, hi, len(columns), sample.path)
+        indptr, data = sample.indptr[lo:hi + 1] - a, sample.x["data"][a:b]
+        if sp.csr_matrix((data, indices, indptr), shape=(hi - lo, len(columns))).has_canonical_format:
+            return _Chunk(indptr, columns[indices], data)
+    return _as_chunk(_read_chunk(sample.x, sample.indptr, lo, hi, columns, n_var, sample.path))
+
+
+def _chunk_indices(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, n_columns: int,
+                   path: str) -> tuple[int, int, np.ndarray]:
+    """The entry range [a, b) of rows [lo, hi) and their column indices, refused when one is outside the sample."""
+    a, b = int(indptr[lo]), int(indptr[hi])
+    indices = x["indices"][a:b]
+    # (numpy would take a negative index from the end of `columns`)
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_columns):
+        raise SourceError(f"X has column indices outside its {n_columns} genes", where=path,
+                          hint="re-run the convert step")
+    return a, b, indices
+
+
 def _read_chunk(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, columns: np.ndarray,
                 n_var: int, path: str) -> sp.csr_matrix:
     """Rows [lo, hi) with atlas columns, in TileDB's global order: rows, then columns, strictly ascending.
     X is written without TileDB's checks (storage.TRUSTED_ORDER), so a chunk that is not so is refused here."""
-    a, b = int(indptr[lo]), int(indptr[hi])
-    indices = x["indices"][a:b]
-    # (numpy would take a negative index from the end of `columns`)
-    if len(indices) and (indices.min() < 0 or indices.max() >= len(columns)):
-        raise SourceError(f"X has column indices outside its {len(columns)} genes", where=path,
-                          hint="re-run the convert step")
+    a, b, indices = _chunk_indices(x, indptr, lo, hi, len(columns), path)
     chunk = sp.csr_matrix((x["data"][a:b], columns[indices], indptr[lo:hi + 1] - a), shape=(hi - lo, n_var))
     # A non-monotonic gene mapping unsorts the rows; for a monotonic one this is only a check.
     chunk.sort_indices()
