@@ -813,8 +813,14 @@ def mark_presence_complete(uri: str) -> None:
 
 def _sample_members(uri: str, schema: AtlasSchema) -> tuple[str, str]:
     """URIs of the samples table and the presence matrix."""
+    return _sample_members_of(uri, schema.measurement)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_members_of(uri: str, measurement: str) -> tuple[str, str]:
+    # Cached as _members_of is (14 ms an ingest); an atlas without them yet raises, which is not cached.
     with open_experiment(uri) as exp:
-        ms = exp.ms[schema.measurement]
+        ms = exp.ms[measurement]
         if SAMPLES not in exp or PRESENCE not in ms:
             raise AtlasError("the atlas has no samples table or feature presence matrix", where=uri,
                              hint="run apply: it adds them to atlases made before them")
