@@ -92,7 +92,7 @@ class Run:
     chunk_nnz: int = DEFAULT_CHUNK_NNZ
     grace: float = DEFAULT_GRACE_S
     report: ApplyReport = field(default_factory=ApplyReport)
-    read_back: dict[str, atlas.RangeStats] = field(default_factory=dict)  # ranges as the steps checked them
+    checked: dict[str, atlas.RangeStats] = field(default_factory=dict)  # ranges as their steps checked them
 
     @property
     def uri(self) -> str:
@@ -507,7 +507,7 @@ class _Pipeline:
             entry.atlas_meta_digest = entry.meta_digest
             entry.failed_step = entry.error = None
             ingested = outcome.step == "ingest"
-            run.read_back[outcome.key] = outcome.value.stats if ingested else outcome.value
+            run.checked[outcome.key] = outcome.value.stats if ingested else outcome.value
             run.report.succeeded.append(outcome.key)
             log.info("%s: %s done (%.1fs%s)", outcome.key, outcome.step, outcome.seconds,
                      ", from memory" if ingested and outcome.value.from_memory else "")
@@ -568,16 +568,16 @@ def _union(frames: list[pd.DataFrame]) -> pd.DataFrame:
 def _quick_verify(run: Run) -> None:
     """Check what this run touched: cells, distinct obs ids and nnz per range, as the state says.
 
-    The ranges were read back by the steps that wrote them (Run.read_back); one without is read here.
+    The steps that wrote the ranges checked them (Run.checked; see atlas.ingest_sample); one without is read here.
     """
     touched = [k for k in run.report.succeeded
                if k in run.state.samples and run.state.samples[k].ingest == "done"]
-    unread = [k for k in touched if k not in run.read_back]
-    if unread:  # opening the arrays alone took 0.65 s on the S3 emulator
-        stats = atlas.range_stats(run.uri, run.schema, [run.state.samples[k].joinids for k in unread])
-        run.read_back.update(zip(unread, stats))
+    unchecked = [k for k in touched if k not in run.checked]
+    if unchecked:  # opening the arrays alone took 0.65 s on the S3 emulator
+        stats = atlas.range_stats(run.uri, run.schema, [run.state.samples[k].joinids for k in unchecked])
+        run.checked.update(zip(unchecked, stats))
     for key in touched:
-        entry, got = run.state.samples[key], run.read_back[key]
+        entry, got = run.state.samples[key], run.checked[key]
         start, stop = entry.joinids
         if (got.start, got.stop, got.cells, got.obs_ids, got.nnz) != (
                 start, stop, entry.atlas_cells, entry.atlas_cells, entry.atlas_nnz):
