@@ -57,7 +57,8 @@ def lock_path(state_path: P) -> P:
 
 
 def _me(path: Location) -> Holder:
-    expires = time.time() + LEASE_SECONDS if storage.is_object_store(path) else 0.0
+    # Where a dead holder cannot be seen, only an expiry ends its hold.
+    expires = 0.0 if storage.store_for(path).sees_dead_holders else time.time() + LEASE_SECONDS
     return Holder(os.getpid(), socket.gethostname(), now(), " ".join(sys.argv) or "python",
                   psutil.Process().create_time(), uuid.uuid4().hex, expires)
 
@@ -108,7 +109,7 @@ class AtlasLock:
         return Lease(str(self.path), self.epoch, storage.settings())
 
     def __enter__(self) -> "AtlasLock":
-        if not self.path.is_remote:
+        if storage.store_for(self.path).local_paths:
             folder = Path(self.path.uri).parent
             self._created = [p for p in (folder, *folder.parents) if not p.exists()]
         for _ in range(3):

@@ -258,7 +258,7 @@ def _content_digests(samples: list[list[Location]], root: Location, size: int) -
         except SomaManifestError as exc:
             return exc
 
-    if len(samples) < 2 or (size < _DIGEST_THREADED_BYTES and not root.is_remote):
+    if len(samples) < 2 or (size < _DIGEST_THREADED_BYTES and not storage.store_for(root).networked):
         return [digest(paths) for paths in samples]
     with ThreadPoolExecutor(min(_DIGEST_THREADS, len(samples)), thread_name_prefix="digest") as pool:
         return list(pool.map(digest, samples))

@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from soma_manifest import storage
 from soma_manifest.manifest import LoadedManifest
 
 log = logging.getLogger("soma_manifest")
@@ -62,7 +63,7 @@ def sweep_leftovers(manifest: LoadedManifest, lock: Path) -> list[Path]:
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
-    if getattr(folder, "is_remote", False):
+    if not storage.store_for(folder).local_paths:
         return []  # an object store has no temp files of ours: its writes are whole-object PUTs
     try:
         with os.scandir(folder) as it:
