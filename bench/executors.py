@@ -91,7 +91,7 @@ def coordinator_costs(work: Path, manifest_path: Path) -> dict[str, float]:
     """Each serial coordinator step, timed on a copy of the atlas the loky run built (median of 5)."""
     import pandas as pd
 
-    from soma_manifest import atlas
+    from soma_manifest import atlas, h5ad
     from soma_manifest.manifest import load_manifest
     from soma_manifest.schema import load_schema
     from soma_manifest.state import load_state, save_state
@@ -102,8 +102,8 @@ def coordinator_costs(work: Path, manifest_path: Path) -> dict[str, float]:
     shutil.copytree(manifest.atlas_uri, scratch / "atlas")
     uri = str(scratch / "atlas")
     state = load_state(manifest.state_path)
-    h5ad = next(s.h5ad for s in state.samples.values())
-    genes = atlas.read_h5ad_var(h5ad, schema)
+    path = next(s.h5ad for s in state.samples.values())
+    genes = h5ad.read_var(path, schema)
     counter = iter(range(10**6))
 
     def new_genes() -> None:
@@ -119,7 +119,7 @@ def coordinator_costs(work: Path, manifest_path: Path) -> dict[str, float]:
     big.samples = {f"study/s{i:04d}": one.model_copy() for i in range(1000)}
     state_file = scratch / "state.json"
     return {
-        "read sample genes (h5ad var)": _median_s(lambda: atlas.read_h5ad_var(h5ad, schema)),
+        "read sample genes (h5ad var)": _median_s(lambda: h5ad.read_var(path, schema)),
         "extend var, no new genes": _median_s(lambda: atlas.extend_var(uri, schema, genes)),
         "extend var, 100 new genes": _median_s(new_genes),
         "resize obs + X": _median_s(lambda: atlas.resize_obs(uri, schema, size + 1000 * next(grown))),

@@ -6,7 +6,7 @@ H5AD defaults to the full preset's first input (bench/out/full/h5ad_input/, made
 full`). Its X (CSR) is written, in one process, into a fresh int32 SparseNDArray with soma-manifest's
 cell-optimized layout (the gene axis in one tile) in 5M-entry row chunks with `sort_coords=False`, once per
 TileDB setting below and repetition (alternating, fresh array each time). The last row times ingest's own
-chunk builder, atlas._read_chunk, which checks instead of TileDB (column bounds, scipy's canonical-format test
+chunk builder, atlas.chunks.read_chunk, which checks instead of TileDB (column bounds, scipy's canonical-format test
 after the sort), over the same chunks. Prints one table, time ÷ the write with every check on first; the
 fastest of the repetitions.
 """
@@ -25,7 +25,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma as soma
 
-from soma_manifest.atlas import _read_chunk, _row_chunks
+from soma_manifest.atlas.chunks import read_chunk, row_chunks
 from soma_manifest.storage import TRUSTED_ORDER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,12 +55,12 @@ def write_seconds(csr: sp.csr_matrix, config: dict[str, str], folder: Path) -> f
 
 
 def own_check_seconds(csr: sp.csr_matrix, path: str) -> float:
-    """ingest's own chunk builder and its checks (atlas._read_chunk), over the sample in 5M-entry row chunks,
+    """ingest's own chunk builder and its checks (atlas.chunks.read_chunk), over the sample in 5M-entry row chunks,
     with an identity gene mapping."""
     x, columns = {"data": csr.data, "indices": csr.indices}, np.arange(csr.shape[1], dtype=np.int64)
     start = time.perf_counter()
-    for lo, hi in _row_chunks(csr.indptr, CHUNK_NNZ):
-        _read_chunk(x, csr.indptr, lo, hi, columns, csr.shape[1], path)
+    for lo, hi in row_chunks(csr.indptr, CHUNK_NNZ):
+        read_chunk(x, csr.indptr, lo, hi, columns, csr.shape[1], path)
     return time.perf_counter() - start
 
 

@@ -147,7 +147,7 @@ class Atlas:
                 warm_up(config)  # the workers import the storage engine while this process does (below)
             from soma_manifest import apply as run
             from soma_manifest import compact
-            from soma_manifest.presence import upgrade
+            from soma_manifest.migrate import upgrade
 
             if plan is not None:
                 run.check_saved_plan(plan, current)

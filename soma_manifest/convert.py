@@ -1,7 +1,6 @@
 """Convert step: one raw sample -> a standardized h5ad that follows the atlas schema.
 
-The h5ad holds exactly the schema's obs columns (obs index = `<study>/<sample>/<barcode>`),
-var indexed by gene id with the schema's var columns, and canonical CSR int32 raw counts.
+The h5ad's layout is h5ad.py's (the schema's obs and var columns, canonical CSR int32 raw counts).
 It is written atomically, so a killed convert never leaves a half file under its name.
 Raw data on S3 is copied to a local scratch folder first (the readers work on local files),
 and an h5ad on S3 is written locally, then stored with one upload.
@@ -20,13 +19,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from soma_manifest import genes, storage
 from soma_manifest.errors import SourceError
+from soma_manifest.h5ad import annotate, read_converted, write_h5ad
 from soma_manifest.readers import RawCounts, read_sample
 from soma_manifest.schema import AtlasSchema, ObsColumn
 from soma_manifest.sources import metadata_file
@@ -77,30 +76,9 @@ def convert_in_memory(job: ConvertJob, schema: AtlasSchema) -> tuple[ConvertResu
     with _raw_on_disk(job) as local:
         adata, dropped, mapping = _convert(local, schema)
     with storage.staged_file(Location(job.h5ad_path)) as tmp:
-        _write_h5ad(adata, tmp)
+        write_h5ad(adata, tmp)
     return ConvertResult(job.key, job.h5ad_path, adata.n_obs, int(adata.X.nnz), adata.n_vars, dropped, mapping,
                          adata.var), adata
-
-
-def _write_h5ad(adata: ad.AnnData, path: str) -> None:
-    """The intermediate h5ad. Uncompressed: the ingest reads it right back, and compression costs more than the
-    disk saves. Strings stay strings: anndata's conversion to categoricals natsorts every column (most of the
-    write's time), and the atlas stores plain strings anyway.
-
-    X's arrays are contiguous: anndata writes a sparse X's arrays chunked and resizable, for appending, which
-    an intermediate never needs; that took 130-160 ms for a 6.6M-entry sample, against 58-73 ms for anndata
-    writing everything else around an empty X whose three arrays are then replaced.
-    """
-    x = adata.X
-    adata.X = sp.csr_matrix(x.shape, dtype=x.dtype)
-    try:
-        adata.write_h5ad(path, convert_strings_to_categoricals=False)
-    finally:
-        adata.X = x
-    with h5py.File(path, "r+") as f:
-        for name in ("data", "indices", "indptr"):
-            del f["X"][name]
-            f["X"].create_dataset(name, data=getattr(x, name))
 
 
 @contextmanager
@@ -137,8 +115,7 @@ def _raw_on_disk(job: ConvertJob) -> Iterator[ConvertJob]:
 
 def _convert(job: ConvertJob, schema: AtlasSchema) -> tuple[ad.AnnData, int, GeneMapping | None]:
     if job.metadata_only:
-        with storage.local_file(job.h5ad_path) as local:
-            adata = ad.read_h5ad(local)
+        adata = read_converted(job.h5ad_path)
         prefix = f"{job.study}/{job.sample}/"
         barcodes = np.array([i[len(prefix):] for i in adata.obs_names], dtype=object)
         metadata = _metadata_columns(job, schema, barcodes, None)
@@ -202,9 +179,7 @@ def _standardize(job: ConvertJob, schema: AtlasSchema, raw: RawCounts
         else:
             var[vcol.name] = types.astype(object) if types is not None else "Gene Expression"
     adata = ad.AnnData(X=counts, obs=obs, var=var)
-    adata.uns["soma_manifest"] = {"key": job.key, "conversion": schema.conversion}
-    if measured is not None:  # the genes of the universe the sample has (atlas.measured_genes)
-        adata.uns["soma_manifest"]["measured"] = measured
+    annotate(adata, key=job.key, conversion=schema.conversion, measured=measured)
     return adata, int((~keep).sum()), mapping
 
 

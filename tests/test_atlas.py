@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from loky import get_reusable_executor
 
 from soma_manifest import atlas, storage
+from soma_manifest.atlas import checks, clock
 from soma_manifest.errors import AtlasError, SourceError
 from soma_manifest.schema import AtlasSchema, load_schema
 
@@ -187,10 +188,10 @@ def test_ingest_counts_its_entries_from_what_it_committed_and_reads_when_a_stamp
     ranges = _prepare(uri, schema, [first, second])
     atlas.resize_samples(uri, schema, 2)
     counted = []
-    real_count = atlas._count_entries
-    monkeypatch.setattr(atlas, "_count_entries", lambda *args: counted.append(args[1]) or real_count(*args))
+    real_count = checks.count_entries
+    monkeypatch.setattr(checks, "count_entries", lambda *args: counted.append(args[1]) or real_count(*args))
     stamps = []
-    real_mutation = atlas._mutation
+    real_mutation = clock.mutation
 
     @contextmanager
     def shared_stamp() -> Iterator[int]:
@@ -198,7 +199,7 @@ def test_ingest_counts_its_entries_from_what_it_committed_and_reads_when_a_stamp
             stamps.append(stamps[0] if stamps else stamp)  # every mutation at the first one's stamp
             yield stamps[-1]
 
-    monkeypatch.setattr(atlas, "_mutation", shared_stamp)
+    monkeypatch.setattr(clock, "mutation", shared_stamp)
     stats = [atlas.ingest_sample(uri, schema, key, i, s.path, start, chunk_nnz=100, fence=lambda: None)
              for i, (key, s, (start, _)) in enumerate(zip(["s1/a", "s1/b"], [first, second], ranges))]
     assert stats == [atlas.RangeStats(start, stop, cells=s.n, obs_ids=s.n, nnz=s.adata.X.nnz)
@@ -211,7 +212,7 @@ def test_mutations_get_increasing_timestamps() -> None:
     """A delete at T hides writes stamped T: the next mutation must get a later stamp."""
     stamps = []
     for _ in range(50):
-        with atlas._mutation() as stamp:
+        with clock.mutation() as stamp:
             stamps.append(stamp)
     assert all(a < b for a, b in zip(stamps, stamps[1:]))
 

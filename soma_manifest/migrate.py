@@ -1,4 +1,5 @@
-"""The samples table and feature presence matrix for atlases made before them: added by the next apply.
+"""Migration of atlases made by earlier versions, run by the next apply: today one, adding the samples table
+and feature presence matrix to atlases made before them.
 
 Runs serially under the lock, before the plan is executed. Every ingested sample gets a sample joinid
 (recorded in the state first), then its rows are written from its h5ad; only then is the atlas marked

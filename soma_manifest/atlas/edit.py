@@ -1,0 +1,51 @@
+"""Deleting a sample's obs range and rewriting its obs rows in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tiledbsoma as soma
+
+from soma_manifest.atlas import clock, engine, layout
+from soma_manifest.atlas.checks import read_slices
+from soma_manifest.atlas.domains import df_size
+from soma_manifest.errors import AtlasError
+from soma_manifest.h5ad import open_sample
+from soma_manifest.schema import AtlasSchema
+
+
+def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> None:
+    """Delete rows [start, stop) from obs and every X layer; the next write is visible."""
+    if stop <= start:
+        return
+    members = layout.members(uri, schema)
+    # Per-array slices (not obs_axis_delete, which looks up obs first) also remove X
+    # entries whose obs rows are missing, e.g. after a crashed ingest.
+    with clock.mutation() as stamp:
+        with soma.DataFrame.open(members.obs, "d", tiledb_timestamp=stamp, context=engine.ctx()) as obs:
+            if start < df_size(obs):
+                obs.delete_cells((slice(start, min(stop, df_size(obs)) - 1),))
+        for layer_uri in members.layers.values():
+            with soma.SparseNDArray.open(layer_uri, "d", tiledb_timestamp=stamp, context=engine.ctx()) as x:
+                if start < x.shape[0]:
+                    x.delete_cells((slice(start, min(stop, x.shape[0]) - 1),))
+
+
+def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
+               fence: Callable[[], None] = clock.no_fence) -> int:
+    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n.
+    `fence` as for ingest_h5ad."""
+    with open_sample(h5ad, schema) as sample:
+        table = layout.obs_table(sample.obs, schema, start)
+    n = len(table)
+    members = layout.members(uri, schema)
+    with soma.DataFrame.open(members.obs, context=engine.ctx()) as obs:
+        current = read_slices(obs, [(start, start + n)], ["obs_id"])["obs_id"]
+    if not current.equals(table["obs_id"]):
+        raise AtlasError(f"rows {start}..{start + n} do not hold the cells of {h5ad}", where=uri,
+                         hint="re-ingest the sample instead of updating its obs")
+    with clock.mutation() as stamp, \
+            soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=engine.ctx()) as obs:
+        fence()
+        obs.write(table)
+    return n

@@ -1,0 +1,78 @@
+"""The storage engine: every use of tiledbsoma's private API, and the TileDB settings the atlas is made
+and written with. Moving the pinned tiledbsoma (pyproject.toml) means reviewing this module.
+
+The other modules of the package use tiledbsoma's public API only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+import tiledbsoma as soma
+import tiledbsoma.pytiledbsoma as clib
+from tiledbsoma._read_iters import ArrowTableRead
+
+from soma_manifest import storage
+from soma_manifest.errors import AtlasError
+
+#: soma_dim_1 tile extent of cell-optimized X layers. With the whole gene axis in one tile,
+#: TileDB's global order is simply (row, column), so CSR chunks can be written without a sort.
+VAR_TILE = 1 << 20
+#: Gene-optimized layers: one gene per tile, tiles and cells in column-major order, so the
+#: global order is (column, row) and CSC chunks are written without a sort. One gene's cells
+#: are then contiguous on disk; the smaller data tiles (capacity) cut what a one-gene read
+#: decodes (see bench/README.md, "X layouts").
+_GENE_TILE_CAPACITY = 25_000
+#: The platform_config an X layer is created with, by its `optimize`.
+X_CREATE: dict[str, dict] = {
+    "cells": {"tiledb": {"create": {"dims": {"soma_dim_1": {"tile": VAR_TILE}}}}},
+    "genes": {"tiledb": {"create": {"capacity": _GENE_TILE_CAPACITY, "dims": {"soma_dim_1": {"tile": 1}},
+                                    "tile_order": "col-major", "cell_order": "col-major"}}},
+}
+#: The platform_config of an X chunk write: chunks come in global order, which skips TileDB's sort (4-5x faster).
+GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
+
+
+def ctx() -> soma.SOMATileDBContext:
+    """The TileDB context of the configured store (S3 endpoint and region, storage.READER_SETTINGS); passed to
+    every open."""
+    return storage.tiledb_context()
+
+
+def x_writer_ctx() -> soma.SOMATileDBContext:
+    """The context the X layers are opened with for ingest's global-order chunks: without TileDB's write-time
+    checks (storage.TRUSTED_ORDER), which the ingest's chunk builder (chunks.read_chunk) and
+    domains.check_room make instead."""
+    return storage.tiledb_context(storage.TRUSTED_ORDER)
+
+
+def fragment_cells(array_uri: str, end: int) -> int:
+    """Cells of the array's fragments written up to timestamp `end` (ms), from their fragment metadata (which
+    every open loads anyway): tiledbsoma's native array handle, as its Python classes do not expose the count."""
+    handle = clib.SOMAArray.open(array_uri, clib.OpenMode.soma_read, ctx().native_context, timestamp=(0, end))
+    try:
+        return handle.fragment_cell_count()
+    finally:
+        handle.close()
+
+
+def dim0_tables(x: soma.SparseNDArray, rows: slice) -> Iterator[pa.Table]:
+    """The soma_dim_0 column of these rows' entries, in no order. SparseNDArray.read has no column selection;
+    its reader class (private) has, and soma_dim_0 alone is 40% of the bytes to decode."""
+    return iter(ArrowTableRead(x, (rows,), ["soma_dim_0"], clib.ResultOrder.unordered, None, None))
+
+
+def consolidate_and_vacuum(array_uri: str, *, purge: bool) -> None:
+    """Consolidate all fragments of one array into one, then vacuum the merged ones; `purge` drops the cells of
+    every delete. Uses tiledbsoma's own (private) array handle: the same TileDB core that reads and writes the
+    atlas. Raises soma.SOMAError when TileDB fails."""
+    config = {**storage.tiledb_config(), "sm.consolidation.mode": "fragments", "sm.vacuum.mode": "fragments",
+              "sm.consolidation.purge_deleted_cells": "true" if purge else "false"}
+    with soma.open(array_uri, context=soma.SOMATileDBContext(tiledb_config=config)) as array:
+        consolidate = getattr(getattr(array, "_handle", None), "consolidate_and_vacuum", None)
+        if consolidate is None:
+            raise AtlasError(f"tiledbsoma {soma.__version__} cannot consolidate arrays (its array handle has no "
+                             "consolidate_and_vacuum)", where=array_uri,
+                             hint="use the tiledbsoma version soma-manifest is tested with (pyproject.toml)")
+        consolidate(["fragments"])
