@@ -7,6 +7,7 @@ Modelled on Terraform's statemgr.TestFull. A new backend joins by adding a case 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -228,3 +229,81 @@ def test_failures_are_one_storage_error_naming_the_uri(where: Where, tmp_path: P
         # replace_if and delete may also answer "no such file" (None, nothing to do); nothing else may pass
         assert name in ("replace_if", "delete") and got is None, f"{name} did not fail: {got!r}"
 
+
+# ---------------------------------------------------------------- a stalled object store (issue #26)
+
+
+@pytest.fixture
+def stalling_endpoint() -> Iterator[tuple[str, list[int]]]:
+    """An HTTP endpoint on loopback that reads a request's headers and a first part of its body, then stops
+    reading (and never answers); also the bytes it read per connection."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    received: list[int] = []
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            got = b""
+            while b"\r\n\r\n" not in got or len(got) < 256 << 10:
+                chunk = conn.recv(64 << 10)
+                if not chunk:
+                    break
+                got += chunk
+            received.append(len(got))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", received
+    finally:
+        stop.set()
+        thread.join()
+        for sock in (*held, server):
+            sock.close()
+
+
+@pytest.mark.parametrize("how", ["put_file", "write_atomic"])
+def test_a_stalled_upload_fails_naming_the_uri(stalling_endpoint: tuple[str, list[int]], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A 20 MB upload to an endpoint that stops reading mid-body ends with one StorageError naming the URI once
+    the request's deadline passes (lowered here from 60 s + 4 s/MiB, so that the test takes seconds)."""
+    from soma_manifest.storage import s3
+
+    endpoint, received = stalling_endpoint
+    monkeypatch.setattr(s3, "REQUEST_BASE_S", 2.0)
+    monkeypatch.setattr(s3, "MIN_RATE", 20 << 20)
+    before = storage.settings()
+    storage.configure(StoreSettings(endpoint, "us-east-1"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    loc = Location("s3://my-bucket/atlases/sample.h5ad")
+    payload = os.urandom(20 << 20)
+    local = tmp_path / "sample.h5ad"
+    local.write_bytes(payload)
+    outcome: list[BaseException | None] = []
+
+    def upload() -> None:
+        try:
+            storage.put_file(str(local), loc) if how == "put_file" else storage.write_atomic(loc, payload)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=upload, daemon=True)
+    worker.start()
+    worker.join(120)  # a hang guard, far above the lowered deadline (3 s): the assertion is that it ends
+    storage.configure(before)
+    assert not worker.is_alive(), "the stalled upload hangs"
+    failed = outcome[0]
+    assert isinstance(failed, StorageError), repr(failed)
+    assert failed.where == loc.uri and "did not finish" in failed.message, failed.render()
+    assert received and 0 < received[0] < len(payload), "the endpoint did not stall mid-body"

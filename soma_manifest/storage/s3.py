@@ -1,14 +1,23 @@
-"""s3:// objects through fsspec/s3fs.
+"""s3:// objects through fsspec/s3fs, with every request bounded in time.
 
 Writes are whole-object PUTs (S3 makes an object visible only once complete); exclusive creation and
 compare-and-swap are conditional PUTs (If-None-Match: *, If-Match: ETag). There are no folders, renames,
 appends or temp files here.
 
-Timeouts and attempts per request: settings.py.
+Bounds (a stalled or black-holed endpoint must fail, never hang):
+- connect: CONNECT_TIMEOUT (5 s) per attempt; read: READ_TIMEOUT (8 s) of silence while awaiting or
+  reading an answer; ATTEMPTS (3) attempts per request, with botocore's backoff (settings.py).
+- every request as a whole (all its attempts, its body sent and, for a GET, its body read):
+  REQUEST_BASE_S + bytes / MIN_RATE, i.e. 60 s plus 4 s per MiB; a 20 MiB upload gets 140 s, a 50 MiB part
+  of a multipart upload 260 s. This is what ends an upload to an endpoint that stops reading: aiohttp's
+  body write has no timeout of its own (and the read timeout is not armed until the body is sent).
+  Then the operation fails with a StorageError naming the URI; nothing partial becomes visible.
+TileDB's own S3 requests are bounded by its settings (tiledb.tiledb_config).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -24,8 +33,82 @@ from soma_manifest.storage.protocol import Stat
 from soma_manifest.storage.settings import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT, StoreSettings
 from soma_manifest.storage.translate import Translates, os_cause
 
+#: Every request's fixed allowance: enough for botocore's own attempts to fail first against an endpoint
+#: that never accepts or never answers (3 x (5 + 8) s plus backoff), so that those keep their clearer error.
+REQUEST_BASE_S = ATTEMPTS * (CONNECT_TIMEOUT + READ_TIMEOUT) + 21
+#: The slowest transfer still taken for progress, in bytes per second of a request's body (each of a multipart
+#: upload's concurrent parts counts alone).
+MIN_RATE = 256 * 1024
+
+
+def deadline(size: int) -> float:
+    """Seconds a request moving `size` bytes may take in all."""
+    return REQUEST_BASE_S + size / MIN_RATE
+
+
+class DeadlineExceeded(OSError):
+    """An S3 request did not finish within its deadline (and was cancelled)."""
+
+    def __init__(self, method: str, seconds: float) -> None:
+        super().__init__(f"{method} did not finish within {seconds:.0f} s")
+        self.method, self.seconds = method, seconds
+
+
 _fs_cache: dict[tuple[str | None, str | None], Any] = {}
+_fs_class: type | None = None
 _lock = threading.Lock()
+
+
+def _bounded_fs_class() -> type:
+    """s3fs' filesystem with every request under `deadline` (built on first use: s3fs is a heavy import)."""
+    global _fs_class
+    if _fs_class is not None:
+        return _fs_class
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+
+    class BoundedS3FileSystem(s3fs.S3FileSystem):
+        async def _call_s3(self, method: str, *akwarglist: Any, **kwargs: Any) -> Any:
+            body = kwargs.get("Body")
+            limit = deadline(len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                async with asyncio.timeout(limit) as bound:
+                    out = await super()._call_s3(method, *akwarglist, **kwargs)
+            except TimeoutError:
+                if bound.expired():
+                    raise DeadlineExceeded(method, limit) from None
+                raise
+            if isinstance(out, dict) and "Body" in out:  # a GET: reading its body ends by the same kind of bound
+                seconds = deadline(int(out.get("ContentLength") or 0))
+                out["Body"] = _BoundedBody(out["Body"], started + seconds, method, seconds)
+            return out
+
+        # s3fs binds its sync call_s3 to its own _call_s3; this one must go through the bound above.
+        call_s3 = sync_wrapper(_call_s3)
+
+    _fs_class = BoundedS3FileSystem
+    return _fs_class
+
+
+class _BoundedBody:
+    """A GET's streaming body whose reads all end by the request's deadline."""
+
+    def __init__(self, body: Any, until: float, method: str, seconds: float) -> None:
+        self._body, self._until, self._method, self._seconds = body, until, method, seconds
+
+    async def read(self, *args: Any, **kwargs: Any) -> bytes:
+        try:
+            async with asyncio.timeout_at(self._until) as bound:
+                return await self._body.read(*args, **kwargs)
+        except TimeoutError:
+            if bound.expired():
+                raise DeadlineExceeded(self._method, self._seconds) from None
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._body, name)
 
 
 def _no_expect_continue(request: Any, **_: Any) -> None:
@@ -89,9 +172,7 @@ class S3Store(Translates):
             fs = _fs_cache.get(key)
             if fs is None:
                 client: dict[str, Any] = {"region_name": key[1]} if key[1] else {}
-                import s3fs
-
-                fs = s3fs.S3FileSystem(
+                fs = _bounded_fs_class()(
                     endpoint_url=key[0], client_kwargs=client, skip_instance_cache=True, use_listings_cache=False,
                     config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
                                    "retries": {"total_max_attempts": ATTEMPTS, "mode": "standard"}})
@@ -112,6 +193,9 @@ class S3Store(Translates):
         import botocore.exceptions as bx
 
         endpoint = self.settings.endpoint() or "the AWS S3 endpoint"
+        if isinstance(exc, DeadlineExceeded):
+            return (f"the S3 endpoint {endpoint} did not finish the request ({exc.method}) within {exc.seconds:.0f} s",
+                    "it stalled or is far too slow; check the endpoint and the network, then run it again")
         if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
                             bx.ConnectionClosedError)) or "Could not connect" in str(exc):
             return (f"cannot reach the S3 endpoint {endpoint}",

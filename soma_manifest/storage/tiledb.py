@@ -1,6 +1,13 @@
 """The TileDB engine's settings for the same store: the atlas is reached through TileDB's own S3 support.
 
 (Kept verbatim from the former storage.py; it belongs with the engine, atlas/engine.py, once that exists.)
+
+TileDB's own S3 requests are bounded by `tiledb_config`: vfs.s3.connect_timeout_ms (CONNECT_TIMEOUT) with
+vfs.s3.connect_max_tries (2), and vfs.s3.request_timeout_ms (READ_TIMEOUT), which the AWS SDK hands to curl
+as its low-speed limit: a transfer, either way, that moves less than 1 byte/s for that long fails ("Operation
+too slow. Less than 1 bytes/sec transferred the last 8 seconds"). So a stalled upload or download ends; a
+trickle above 1 byte/s is not cut (TileDB has no whole-request deadline). With neither endpoint nor region
+set, TileDB's defaults bound them instead (10.8 s connect, 5 tries; 3 s low-speed).
 """
 
 from __future__ import annotations
