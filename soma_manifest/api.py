@@ -23,10 +23,9 @@ if TYPE_CHECKING:
     import pandas as pd
     import tiledbsoma
 
-    from soma_manifest.apply import ApplyReport, Reporter
-    from soma_manifest.interrupt import Interrupt
     from soma_manifest.executors import ExecutorConfig
-    from soma_manifest.compact import CompactReport
+    from soma_manifest.interrupt import Interrupt
+    from soma_manifest.reports import ApplyReport, CompactionReport, Reporter
 
 
 def load(path: str | os.PathLike[str]) -> Atlas:
@@ -248,7 +247,7 @@ class Atlas:
         return [{**e.model_dump(), "readable": hist.is_readable(state, e), "kept": e.serial in kept}
                 for e in state.history]
 
-    def compact(self) -> CompactReport | None:
+    def compact(self) -> CompactionReport | None:
         """Consolidate and vacuum every array of the atlas under the lock; None when there is no atlas yet.
         The applies that compaction.keep_history retains stay readable."""
         from soma_manifest import atlas

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from soma_manifest import atlas, compact, genes, storage
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
@@ -27,6 +27,7 @@ from soma_manifest.interrupt import Interrupt
 from soma_manifest.lock import Lease
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.plan import Action, Observations, Plan
+from soma_manifest.reports import ApplyReport, Reporter, SilentReporter
 from soma_manifest.schema import AtlasSchema
 from soma_manifest.state import SampleState, State, now, save_state
 from soma_manifest.steps import Outcome, convert_step, ingest_step, peak_rss, write_obs_step
@@ -41,41 +42,6 @@ DEFAULT_GRACE_S = 30.0
 _POLL_S = 0.2
 #: Seconds between stores of a run log kept on an object store (each store uploads the whole log).
 LOG_UPLOAD_S = 2.0
-
-
-class Reporter(Protocol):
-    """Where apply reports progress; the CLI draws it, tests may ignore it."""
-
-    def phase(self, name: str, total: int) -> None: ...
-    def advance(self, name: str, key: str, ok: bool) -> None: ...
-    def done(self, name: str) -> None: ...
-
-
-class SilentReporter:
-    def phase(self, name: str, total: int) -> None: ...
-    def advance(self, name: str, key: str, ok: bool) -> None: ...
-    def done(self, name: str) -> None: ...
-
-
-@dataclass
-class ApplyReport:
-    created_atlas: bool = False
-    succeeded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    unchanged: int = 0
-    removed: list[str] = field(default_factory=list)
-    cells_deleted: int = 0
-    verify_problems: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_worker: int = 0
-    log_file: str | None = None
-    swept: list[str] = field(default_factory=list)  # leftovers of killed runs removed before this run
-    interrupted: int | None = None  # the signal that stopped the run early
-    not_run: list[str] = field(default_factory=list)  # "<step> <key>" of steps an interrupt left undone
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.verify_problems
 
 
 @dataclass
