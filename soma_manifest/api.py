@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from soma_manifest import planfile
 from soma_manifest.errors import AtlasError, StateError
 from soma_manifest.manifest import LoadedManifest, load_manifest
 from soma_manifest.plan import Observations, Plan, atlas_present, make_plan, observe
@@ -37,6 +38,27 @@ def load(path: str | os.PathLike[str]) -> Atlas:
     manifest = load_manifest(Path(path))
     with manifest.referenced("schema"):
         return Atlas(manifest, load_schema(manifest.schema_path))
+
+
+def save_plan(plan: Plan, where: str | os.PathLike[str]) -> None:
+    """Save a plan (`Atlas.plan()`) for a later `Atlas.apply(plan=...)`: a local file or an s3:// object."""
+    planfile.save_plan(plan, where)
+
+
+def read_plan(where: str | os.PathLike[str]) -> Plan | None:
+    """The plan saved at `where` (a local file or an s3:// object); None when it is not a saved plan.
+
+    Raises PlanError for a plan of another format version, or an invalid one.
+    """
+    return planfile.read_saved_plan(where)
+
+
+def load_target(where: str | os.PathLike[str]) -> tuple[Atlas, Plan | None]:
+    """What `soma-manifest apply` is given: a manifest, or a saved plan. The atlas, and the saved plan (None
+    for a manifest). A saved plan names its manifest relative to where plan ran: PlanError when it is not
+    found from the working directory."""
+    saved = read_plan(where)
+    return load(planfile.manifest_of(saved) if saved else where), saved
 
 
 def dedicate_process() -> None:
@@ -123,7 +145,7 @@ class Atlas:
 
         processes: worker processes (default: the manifest's, else the CPU count). allow_delete: allow
         deleting the cells of samples that left the manifest (else such a plan is refused, changing nothing).
-        plan: a plan saved earlier (e.g. `Plan.model_validate_json(text)`); refused (PlanError) when it no
+        plan: a plan saved earlier (`read_plan(path)`); refused (PlanError) when it no
         longer describes what apply would do. on_plan: called with the plan about to run, once it is checked.
         executor: "loky" or "dask" (default: the manifest's executor.kind); scheduler: a Dask scheduler
         address (implies dask; default: the manifest's executor.address, else a LocalCluster). interrupt: set its
@@ -149,7 +171,7 @@ class Atlas:
             from soma_manifest.presence import upgrade
 
             if plan is not None:
-                run.check_saved_plan(plan, current)
+                planfile.check_saved_plan(plan, current)
             state = run.open_state(self.manifest, state, self.schema)
             upgrade(self.manifest, self.schema, state)
             if on_plan is not None:

@@ -105,60 +105,6 @@ def open_state(manifest: LoadedManifest, state: State | None, schema: AtlasSchem
     return state
 
 
-_REPLAN = "run `soma-manifest plan --out` again and review the new plan"
-
-
-def check_saved_plan(saved: Plan, current: Plan) -> None:
-    """Refuse a saved plan that no longer describes what apply would do now, saying why."""
-    if (saved.atlas, saved.state) != (current.atlas, current.state):
-        raise PlanError(f"the plan is for the atlas {saved.atlas} (state {saved.state}), but the manifest now "
-                        f"points at {current.atlas} (state {current.state})", where=current.manifest,
-                        hint="relative storage paths follow the manifest's folder: apply where the plan was made, "
-                             "or plan again")
-    if saved.lineage != current.lineage:
-        def state_of(lineage: str | None) -> str:
-            return f"the state of lineage {lineage}" if lineage else "no state file"
-
-        raise PlanError(f"the plan is stale: it was made against {state_of(saved.lineage)}, there is now "
-                        f"{state_of(current.lineage)}; the state file was created, replaced or removed since",
-                        where=current.state, hint=_REPLAN)
-    if saved.serial != current.serial:
-        raise PlanError(f"the plan is stale: it was made against state serial {saved.serial}, the state is now at "
-                        f"serial {current.serial}; another apply has run since", where=current.state, hint=_REPLAN)
-    if saved.manifest_digest != current.manifest_digest:
-        raise PlanError("the plan is stale: the manifest changed since it was made", where=current.manifest,
-                        hint=_REPLAN)
-    if (saved.schema_structure, saved.schema_conversion) != (current.schema_structure, current.schema_conversion):
-        raise PlanError("the plan is stale: the schema changed since it was made", where=current.schema_path,
-                        hint=_REPLAN)
-    if saved.comparable() != current.comparable():
-        changes = _plan_changes(saved, current) or ["the samples to change differ"]
-        more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
-        raise PlanError(f"the plan is stale: {'; '.join(changes[:5])}{more}", where=current.manifest, hint=_REPLAN)
-
-
-def _plan_changes(saved: Plan, current: Plan) -> list[str]:
-    """What would be done differently now, one phrase per sample."""
-    changes = []
-    if saved.create_atlas != current.create_atlas:
-        changes.append("the atlas was created since" if saved.create_atlas else "the atlas is gone")
-    old = {a.key: a for a in saved.actions}
-    new = {a.key: a for a in current.actions}
-    for key in sorted(old.keys() | new.keys()):
-        before, after = old.get(key), new.get(key)
-        if before is None:
-            changes.append(f"{key} now needs {after.kind}")
-        elif after is None:
-            changes.append(f"{key} no longer needs {before.kind}")
-        elif before.raw_digest != after.raw_digest:
-            changes.append(f"raw data of {key} changed")
-        elif before.meta_digest != after.meta_digest:
-            changes.append(f"metadata of {key} changed")
-        elif before.comparable() != after.comparable():
-            changes.append(f"{key} now needs {after.kind} ({' -> '.join(after.steps) or 'no steps'})")
-    return changes
-
-
 def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observations: Observations,
             state: State, *, lease: Lease, executor: ExecutorConfig, allow_delete: bool,
             reporter: Reporter | None = None, chunk_nnz: int = DEFAULT_CHUNK_NNZ,
