@@ -166,25 +166,27 @@ class Atlas:
             if current.worker_actions and (allow_delete or not current.deletions):
                 # (not for an apply that will be refused, or that runs nothing on workers)
                 warm_up(config)  # the workers import the storage engine while this process does (below)
-            from soma_manifest import apply as run
             from soma_manifest import compact
+            from soma_manifest.apply import execute
             from soma_manifest.presence import upgrade
+            from soma_manifest.reports import ApplyReport
+            from soma_manifest.verify import open_state
 
             if plan is not None:
                 planfile.check_saved_plan(plan, current)
-            state = run.open_state(self.manifest, state, self.schema)
+            state = open_state(self.manifest, state, self.schema)
             upgrade(self.manifest, self.schema, state)
             if on_plan is not None:
                 on_plan(current)
             if not current.has_changes:
                 compact.finish_pending(self.manifest, state)
-                return run.ApplyReport(unchanged=len(current.unchanged), swept=swept)
+                return ApplyReport(unchanged=len(current.unchanged), swept=swept)
             options = {} if chunk_nnz is None else {"chunk_nnz": chunk_nnz}
             if grace is not None:
                 options["grace"] = grace
-            report = run.execute(self.manifest, self.schema, current, observations, state, lease=lock.lease,
-                                 executor=config,
-                                 allow_delete=allow_delete, reporter=reporter, interrupt=interrupt, **options)
+            report = execute(self.manifest, self.schema, current, observations, state, lease=lock.lease,
+                             executor=config, allow_delete=allow_delete, reporter=reporter, interrupt=interrupt,
+                             **options)
             report.swept = swept
             return report
 
@@ -274,8 +276,8 @@ class Atlas:
         The applies that compaction.keep_history retains stay readable."""
         from soma_manifest import atlas
         from soma_manifest import compact as compaction
-        from soma_manifest.apply import open_state
         from soma_manifest.lock import AtlasLock, lock_path
+        from soma_manifest.verify import open_state
 
         with AtlasLock(lock_path(self.manifest.state_path)):
             state = open_state(self.manifest, self.require_state(), self.schema)
