@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from soma_manifest import planfile
 from soma_manifest.errors import AtlasError, StateError
 from soma_manifest.manifest import LoadedManifest, load_manifest
 from soma_manifest.plan import Observations, Plan, atlas_present, make_plan, observe
@@ -23,10 +24,9 @@ if TYPE_CHECKING:
     import pandas as pd
     import tiledbsoma
 
-    from soma_manifest.apply import ApplyReport, Reporter
-    from soma_manifest.interrupt import Interrupt
     from soma_manifest.executors import ExecutorConfig
-    from soma_manifest.compact import CompactReport
+    from soma_manifest.interrupt import Interrupt
+    from soma_manifest.reports import ApplyReport, CompactionReport, Reporter
 
 
 def load(path: str | os.PathLike[str]) -> Atlas:
@@ -38,6 +38,27 @@ def load(path: str | os.PathLike[str]) -> Atlas:
     manifest = load_manifest(Path(path))
     with manifest.referenced("schema"):
         return Atlas(manifest, load_schema(manifest.schema_path))
+
+
+def save_plan(plan: Plan, where: str | os.PathLike[str]) -> None:
+    """Save a plan (`Atlas.plan()`) for a later `Atlas.apply(plan=...)`: a local file or an s3:// object."""
+    planfile.save_plan(plan, where)
+
+
+def read_plan(where: str | os.PathLike[str]) -> Plan | None:
+    """The plan saved at `where` (a local file or an s3:// object); None when it is not a saved plan.
+
+    Raises PlanError for a plan of another format version, or an invalid one.
+    """
+    return planfile.read_saved_plan(where)
+
+
+def load_target(where: str | os.PathLike[str]) -> tuple[Atlas, Plan | None]:
+    """What `soma-manifest apply` is given: a manifest, or a saved plan. The atlas, and the saved plan (None
+    for a manifest). A saved plan names its manifest relative to where plan ran: PlanError when it is not
+    found from the working directory."""
+    saved = read_plan(where)
+    return load(planfile.manifest_of(saved) if saved else where), saved
 
 
 def dedicate_process() -> None:
@@ -124,7 +145,7 @@ class Atlas:
 
         processes: worker processes (default: the manifest's, else the CPU count). allow_delete: allow
         deleting the cells of samples that left the manifest (else such a plan is refused, changing nothing).
-        plan: a plan saved earlier (e.g. `Plan.model_validate_json(text)`); refused (PlanError) when it no
+        plan: a plan saved earlier (`read_plan(path)`); refused (PlanError) when it no
         longer describes what apply would do. on_plan: called with the plan about to run, once it is checked.
         executor: "loky" or "dask" (default: the manifest's executor.kind); scheduler: a Dask scheduler
         address (implies dask; default: the manifest's executor.address, else a LocalCluster). interrupt: set its
@@ -145,25 +166,27 @@ class Atlas:
             if current.worker_actions and (allow_delete or not current.deletions):
                 # (not for an apply that will be refused, or that runs nothing on workers)
                 warm_up(config)  # the workers import the storage engine while this process does (below)
-            from soma_manifest import apply as run
             from soma_manifest import compact
+            from soma_manifest.apply import execute
             from soma_manifest.migrate import upgrade
+            from soma_manifest.reports import ApplyReport
+            from soma_manifest.verify import open_state
 
             if plan is not None:
-                run.check_saved_plan(plan, current)
-            state = run.open_state(self.manifest, state, self.schema)
+                planfile.check_saved_plan(plan, current)
+            state = open_state(self.manifest, state, self.schema)
             upgrade(self.manifest, self.schema, state)
             if on_plan is not None:
                 on_plan(current)
             if not current.has_changes:
                 compact.finish_pending(self.manifest, state)
-                return run.ApplyReport(unchanged=len(current.unchanged), swept=swept)
+                return ApplyReport(unchanged=len(current.unchanged), swept=swept)
             options = {} if chunk_nnz is None else {"chunk_nnz": chunk_nnz}
             if grace is not None:
                 options["grace"] = grace
-            report = run.execute(self.manifest, self.schema, current, observations, state, lease=lock.lease,
-                                 executor=config,
-                                 allow_delete=allow_delete, reporter=reporter, interrupt=interrupt, **options)
+            report = execute(self.manifest, self.schema, current, observations, state, lease=lock.lease,
+                             executor=config, allow_delete=allow_delete, reporter=reporter, interrupt=interrupt,
+                             **options)
             report.swept = swept
             return report
 
@@ -248,13 +271,13 @@ class Atlas:
         return [{**e.model_dump(), "readable": hist.is_readable(state, e), "kept": e.serial in kept}
                 for e in state.history]
 
-    def compact(self) -> CompactReport | None:
+    def compact(self) -> CompactionReport | None:
         """Consolidate and vacuum every array of the atlas under the lock; None when there is no atlas yet.
         The applies that compaction.keep_history retains stay readable."""
         from soma_manifest import atlas
         from soma_manifest import compact as compaction
-        from soma_manifest.apply import open_state
         from soma_manifest.lock import AtlasLock, lock_path
+        from soma_manifest.verify import open_state
 
         with AtlasLock(lock_path(self.manifest.state_path)):
             state = open_state(self.manifest, self.require_state(), self.schema)

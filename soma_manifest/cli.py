@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Annotated, Callable, Iterator, NoReturn, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from soma_manifest import api
-from soma_manifest.errors import ManifestError, PlanError, SomaManifestError
+from soma_manifest.errors import ManifestError, SomaManifestError
 from soma_manifest.manifest import LoadedManifest, load_manifest, manifest_json_schema
-from soma_manifest.plan import PLAN_FORMAT_VERSION, Plan
+from soma_manifest.plan import Plan
 
 try:  # recent typer vendors click; older releases use click itself
     from typer._click.exceptions import ClickException
@@ -188,7 +187,8 @@ def plan(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: Optional[PlanFormat] = typer.Option(None, "--format", help="text (default), json or markdown."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Save the plan (JSON) for `apply PLAN.json`."),
+    out: Optional[str] = typer.Option(None, "--out", help="Save the plan (JSON; a path or s3:// URI) for "
+                                                           "`apply PLAN.json`."),
     detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode",
                                            help="Exit 0 with no changes, 2 with changes, 1 on error."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the samples that are up to date."),
@@ -205,7 +205,7 @@ def plan(
         atlas = api.load(manifest_path)
         the_plan = atlas.plan()
         if out is not None:
-            _write_plan(the_plan.to_json(), out)
+            api.save_plan(the_plan, out)
             Output.err().print(f"Saved the plan to {_escape(str(out))}; apply it with "
                                f"`soma-manifest apply {_escape(str(out))}` from this directory.")
         if chosen is PlanFormat.json:
@@ -219,46 +219,6 @@ def plan(
     _guard(run)
 
 
-def _write_plan(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PlanError(f"cannot save the plan: {exc.strerror}", where=path) from None
-
-
-def _read_saved_plan(path: Path) -> Plan | None:
-    """The plan saved at `path`, or None when `path` is a manifest (anything that is not a saved plan)."""
-    if path.suffix.lower() in (".yaml", ".yml"):
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # the manifest loader says what is wrong with it
-    if not isinstance(data, dict) or data.get("kind") != "soma-manifest-plan":
-        return None
-    if data.get("format_version") != PLAN_FORMAT_VERSION:
-        raise PlanError(f"plan format version {data.get('format_version')} is not supported (this soma-manifest "
-                        f"reads version {PLAN_FORMAT_VERSION})", where=path,
-                        hint="make the plan with the soma-manifest that applies it")
-    try:
-        return Plan.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PlanError(f"not a valid plan: {'.'.join(map(str, first['loc']))}: {first['msg']}", where=path,
-                        hint="make it again with `soma-manifest plan --out`") from None
-
-
-def _saved_manifest(saved: Plan) -> Path:
-    path = Path(saved.manifest)
-    if not path.is_file():
-        raise PlanError(f"the plan's manifest {saved.manifest} is not found here", where=Path.cwd(),
-                        hint="run apply in the directory plan ran in (in CI: the repository root)")
-    return path
-
-
 class ExecutorKind(str, Enum):
     loky = "loky"
     dask = "dask"
@@ -266,8 +226,8 @@ class ExecutorKind(str, Enum):
 
 @app.command()
 def apply(
-    target: Path = typer.Argument(..., metavar="MANIFEST_OR_PLAN",
-                                  help="A manifest, or a plan saved with `plan --out`."),
+    target: str = typer.Argument(..., metavar="MANIFEST_OR_PLAN",
+                                 help="A manifest, or a plan saved with `plan --out` (a path or s3:// URI)."),
     processes: Optional[int] = typer.Option(None, "--processes", "-p", min=1,
                                             help="Worker processes (default: manifest's, else CPU count)."),
     allow_delete: bool = typer.Option(False, "--allow-delete", help="Allow deleting the cells of removed samples."),
@@ -288,8 +248,7 @@ def apply(
         raise typer.BadParameter("--scheduler needs --executor dask", param_hint="--scheduler")
 
     def run() -> int:
-        saved = _read_saved_plan(target)
-        atlas = api.load(_saved_manifest(saved) if saved else target)
+        atlas, saved = api.load_target(target)
         err = Output.err()
         planned: list[Plan] = []
 

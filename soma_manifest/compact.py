@@ -10,43 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from soma_manifest import atlas, history
 from soma_manifest.errors import AtlasError
 from soma_manifest.faults import crash_point
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.plan import Plan
+from soma_manifest.reports import ApplyReport, ArrayCompaction, CompactionReport
 from soma_manifest.state import State, now, save_state
 
-if TYPE_CHECKING:
-    from soma_manifest.apply import ApplyReport
-
 log = logging.getLogger("soma_manifest")
-
-
-@dataclass(frozen=True)
-class ArrayCompaction:
-    name: str  # path inside the experiment, e.g. ms/RNA/X/raw
-    fragments_before: int
-    fragments_after: int
-    purged: bool  # deleted cells were dropped
-
-
-@dataclass
-class CompactionReport:
-    arrays: list[ArrayCompaction] = field(default_factory=list)
-    seconds: float = 0.0
-    finished_interrupted: bool = False  # a killed compaction's work was finished
-
-    @property
-    def fragments_before(self) -> int:
-        return sum(a.fragments_before for a in self.arrays)
-
-    @property
-    def fragments_after(self) -> int:
-        return sum(a.fragments_after for a in self.arrays)
 
 
 def compact(manifest: LoadedManifest, state: State) -> CompactionReport:

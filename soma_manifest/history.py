@@ -4,16 +4,13 @@ the atlas as that apply left it, and which entries compaction keeps readable."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
 
 from soma_manifest import __version__
 from soma_manifest.errors import StateError
 from soma_manifest.manifest import KeepHistory, LoadedManifest
 from soma_manifest.plan import Action, Plan
+from soma_manifest.reports import ApplyReport
 from soma_manifest.state import HistoryEntry, State, save_state
-
-if TYPE_CHECKING:
-    from soma_manifest.apply import ApplyReport
 
 # Plan kinds as history words: resumed and retried samples may be new or replacements.
 _WORDS = {"add": "added", "ingest": "added", "replace": "replaced", "update": "updated", "remove": "removed",

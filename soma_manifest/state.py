@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -103,6 +103,43 @@ class SampleState(_Model):
     failed_step: str | None = None
     error: str | None = None
 
+    # The ledger's transitions: apply changes an entry only through these.
+
+    @property
+    def holds_range(self) -> bool:
+        """Whether the atlas may hold cells of this sample in its joinid range (ingested, or an ingest began)."""
+        return self.joinids is not None and self.ingest != "none"
+
+    def mark_converted(self, *, raw_files: Sequence[FileStamp], raw_digest: str, meta_digest: str,
+                       conversion: str, h5ad: str, cells: int, nnz: int, gene_mapping: GeneMapping | None,
+                       metadata_only: bool) -> None:
+        """Its h5ad now holds this version; what the atlas holds is unchanged."""
+        self.raw_files = list(raw_files)
+        self.raw_digest, self.meta_digest, self.conversion = raw_digest, meta_digest, conversion
+        self.h5ad, self.converted, self.converted_at = h5ad, True, now()
+        self.cells, self.nnz = cells, nnz
+        if not metadata_only:  # a metadata update keeps the h5ad's genes
+            self.gene_mapping = gene_mapping
+
+    def mark_allocated(self, joinids: tuple[int, int]) -> None:
+        """A fresh joinid range, recorded (and saved) before anything is written into it."""
+        self.joinids, self.ingest = joinids, "allocated"
+
+    def mark_ingested(self) -> None:
+        """The atlas now holds its h5ad's version, in its joinid range."""
+        self.ingest, self.ingested_at = "done", now()
+        self.atlas_raw_digest, self.atlas_conversion = self.raw_digest, self.conversion
+        self.atlas_cells, self.atlas_nnz = self.cells, self.nnz
+        self.mark_metadata_written()
+
+    def mark_metadata_written(self) -> None:
+        """The atlas' obs rows of the sample now hold its h5ad's metadata."""
+        self.atlas_meta_digest = self.meta_digest
+        self.failed_step = self.error = None
+
+    def mark_failed(self, step: str, error: str) -> None:
+        self.failed_step, self.error = step, error
+
 
 class StudyCache(_Model):
     """Metadata digests per sample, valid while the metadata files' stats are unchanged."""
@@ -156,6 +193,21 @@ class State(_Model):
         start = self.next_joinid
         self.next_joinid += n
         return (start, start + n)
+
+    def allocate_to(self, entry: SampleState) -> None:
+        """Give the sample a fresh joinid range and sample joinid; what the atlas held of it is queued for deletion."""
+        if entry.holds_range:
+            self.orphans.append(entry.joinids)
+        self.allocate_sample(entry)
+        entry.mark_allocated(self.allocate(entry.cells or 0))
+
+    def remove_sample(self, key: str) -> SampleState:
+        """Take the sample out of the ledger; what the atlas holds of it is queued for deletion."""
+        entry = self.samples.pop(key)
+        self.retire_sample(entry)
+        if entry.holds_range:
+            self.orphans.append(entry.joinids)
+        return entry
 
     def allocate_sample(self, entry: SampleState) -> None:
         """Give the sample a fresh sample joinid (never reused); its previous one is queued for deletion."""

@@ -241,7 +241,7 @@ def test_a_dead_applys_step_cannot_write_after_a_new_apply_started(store_project
         run = start_cli("apply", project.manifest, "--processes", "2",
                         env={PAUSE_ENV: f"ingest_start:{dask_cluster.pause}"})
     try:
-        # A worker holds an ingest. While one is in flight the coordinator resizes nothing (apply._Pipeline),
+        # A worker holds an ingest. While one is in flight the coordinator resizes nothing (apply.allocation),
         # so the kill cannot land inside a resize.
         dask_cluster.paused_pids(at_least=1)
         if executor == "dask":

@@ -136,6 +136,27 @@ def test_lifecycle_on_s3(s3_project: S3Project) -> None:
     assert_converged(p, cell_types={"study_a/s1": "neuron"})
 
 
+def test_a_plan_saved_to_s3_is_applied_from_there(s3_project: S3Project) -> None:
+    """`plan --out s3://...` stores the plan in the bucket and `apply s3://...` runs it from there, once: the
+    same plan is stale afterwards. (The plan is read with the environment's endpoint: the manifest that
+    names it is known only from the plan.)"""
+    p = s3_project
+    uri = f"s3://{p.bucket}/plans/atlas.plan.json"
+    saved = run_cli("plan", "atlas.yaml", "--json", "--out", uri, cwd=p.root)
+    assert saved.returncode == 0, saved.stderr
+    stored = p.server.client().get_object(Bucket=p.bucket, Key="plans/atlas.plan.json")["Body"].read().decode()
+    assert stored == saved.stdout and json.loads(stored)["manifest"] == "atlas.yaml"
+    assert sorted(path.name for path in p.root.iterdir()) == ["atlas.yaml", "raw"], "the plan went to a local path"
+
+    env = {"AWS_ENDPOINT_URL": p.server.endpoint}
+    applied = run_cli("apply", uri, cwd=p.root, env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert f"Applying the plan saved at {json.loads(stored)['created_at']} ({uri})" in applied.stderr
+    assert_converged(p)
+    stale = run_cli("apply", uri, cwd=p.root, env=env)
+    assert stale.returncode == 1 and "the plan is stale" in stale.stderr, stale.stderr
+
+
 def test_real_data_round_trip_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
     """MTX (Cell Ranger outs/ folder), 10x HDF5 and h5ad inputs read from S3 into an atlas on S3,
     compared cell by cell with the raw files."""

@@ -1,0 +1,195 @@
+"""Scheduling: converts on the workers, and ingests as soon as their conversions arrive, in one loop over
+the executor's outcomes (no phase barrier). Which executor runs the steps is executors.py's business.
+
+The coordinator's serial work happens between outcomes, batched over what arrived together: allocate
+(allocation.py; one state save), then the pending deletes (deletes.py; a save each), then the ingests are
+submitted. So a range is in the state before any step can write into it, and a sample's old range is
+deleted before its new version is ingested. While an ingest or obs update is in flight, a batch goes
+ahead only if it needs no schema change and no delete (Allocator.fits); conversions go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from soma_manifest.apply.allocation import Allocator
+from soma_manifest.apply.deletes import delete_orphans
+from soma_manifest.apply.run import Run
+from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
+from soma_manifest.faults import crash_point
+from soma_manifest.plan import Action, Plan
+from soma_manifest.steps import Outcome, convert_step, ingest_step, write_obs_step
+
+log = logging.getLogger("soma_manifest")
+_POLL_S = 0.2
+
+
+class Pipeline:
+    """Drives one run's steps to their end (or to an interrupt), recording each outcome in the state."""
+
+    def __init__(self, run: Run, plan: Plan) -> None:
+        self.run = run
+        self.by_key = {a.key: a for a in plan.actions}
+        self.converting = 0  # convert steps submitted and not yet finished
+        self.ready: list[Action] = []  # converted (or nothing to convert), waiting for ingest or write_obs
+        self.later = sum(1 for a in plan.actions if _writes(a))
+        self.ingests_started: float | None = None
+        self.ingests_finished = 0
+        self.writing = 0  # ingest and write_obs steps submitted and not yet finished
+        self.converts_started = time.perf_counter()
+        self.allocator = Allocator(run, sum(1 for a in plan.actions if a.ingests))
+
+    def drive(self) -> None:
+        run = self.run
+        self._submit_converts()
+        delete_orphans(run)
+        while True:
+            if run.interrupt.signum is not None:
+                self._stop()
+                return
+            if self.ready and (not self.writing or self.allocator.fits(self.ready)):
+                self._start_writes()
+            if not run.steps.busy:
+                break
+            for outcome in run.steps.wait(_POLL_S):
+                self._record(outcome)
+        self._close_phases()
+
+    # ---- converts
+
+    def _submit_converts(self) -> None:
+        run = self.run
+        organisms = {s.name: s.organism or run.schema.organism for s in run.manifest.studies}
+        for action in self.by_key.values():
+            if action.kind == "invalid":
+                run.entry(action)
+                run.fail(action.key, "read", action.reason)
+            elif action.converts:
+                entry = run.entry(action)
+                metadata_only = "convert_metadata" in action.steps
+                h5ad = entry.h5ad if metadata_only else str(h5ad_path_for(run.manifest.h5ad, action.study,
+                                                                           action.sample))
+                job = ConvertJob(action.key, action.study, action.sample, action.format, action.path,
+                                 str(run.manifest.raw), h5ad, metadata_only=metadata_only,
+                                 organism=organisms.get(action.study))
+                run.steps.submit(action.key, "convert", convert_step, run.lease, job, run.schema)
+                self.converting += 1
+            elif _writes(action):
+                self.ready.append(action)
+        if any(a.kind == "invalid" for a in self.by_key.values()):
+            run.save()
+        if self.converting:
+            run.reporter.phase("convert", self.converting)
+
+    def _converted(self, outcome: Outcome) -> None:
+        run = self.run
+        action = self.by_key[outcome.key]
+        self.converting -= 1
+        if not outcome.ok:
+            run.fail(outcome.key, "convert", outcome.error or "")
+            self.allocator.not_coming(int(action.ingests))
+        else:
+            result: ConvertResult = outcome.value
+            run.state.samples[outcome.key].mark_converted(
+                raw_files=action.raw_files, raw_digest=action.raw_digest or "", meta_digest=action.meta_digest or "",
+                conversion=run.schema.conversion, h5ad=result.h5ad, cells=result.cells, nnz=result.nnz,
+                gene_mapping=result.gene_mapping, metadata_only="convert_metadata" in action.steps)
+            self.allocator.converted(outcome.key, result.var)
+            log.info("%s: converted (%d cells, %d nnz, %.1fs)%s%s", outcome.key, result.cells, result.nnz,
+                     outcome.seconds, f"; left out {result.dropped_features} non-gene features"
+                     if result.dropped_features else "",
+                     f"; genes: {result.gene_mapping.text()}" if result.gene_mapping else "")
+            if _writes(action):
+                self.ready.append(action)
+        run.save()
+        crash_point("after_convert")
+        if self.converting == 0:
+            run.report.seconds["convert"] = time.perf_counter() - self.converts_started
+            run.reporter.done("convert")
+
+    # ---- ingests and obs updates
+
+    def _start_writes(self) -> None:
+        """Serially, for everything that became ready together: allocate, delete what must go, submit."""
+        run = self.run
+        batch, self.ready = self.ready, []
+        allocated = self.allocator.allocate([a for a in batch if a.ingests], converting=self.converting > 0)
+        delete_orphans(run)
+        if self.ingests_started is None:
+            self.ingests_started = time.perf_counter()
+            run.reporter.phase("ingest", self.later - sum(1 for k in run.report.failed if k in self.by_key
+                                                          and _writes(self.by_key[k])))
+        for action in allocated:
+            entry = run.state.samples[action.key]
+            run.steps.submit(action.key, "ingest", ingest_step, run.lease, action.key, run.uri, run.schema,
+                             entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
+            self.writing += 1
+        for action in batch:
+            if "write_obs" in action.steps:
+                entry = run.state.samples[action.key]
+                run.steps.submit(action.key, "write_obs", write_obs_step, run.lease, action.key, run.uri,
+                                 run.schema, entry.h5ad, entry.joinids[0], urgent=True)
+                self.writing += 1
+
+    def _written(self, outcome: Outcome) -> None:
+        run = self.run
+        entry = run.state.samples[outcome.key]
+        if not outcome.ok:
+            run.fail(outcome.key, outcome.step, outcome.error or "")
+        else:
+            ingested = outcome.step == "ingest"
+            if ingested:
+                entry.mark_ingested()
+            else:
+                entry.mark_metadata_written()
+            run.checked[outcome.key] = outcome.value.stats if ingested else outcome.value
+            run.report.succeeded.append(outcome.key)
+            log.info("%s: %s done (%.1fs%s)", outcome.key, outcome.step, outcome.seconds,
+                     ", from memory" if ingested and outcome.value.from_memory else "")
+        run.save()
+        self.writing -= 1
+        self.ingests_finished += 1
+        if self.ingests_finished == 1:
+            crash_point("mid_ingest")
+        if self.converting:
+            crash_point("overlap_ingest")
+
+    # ---- outcomes, interrupts, phases
+
+    def _record(self, outcome: Outcome) -> None:
+        run = self.run
+        run.report.peak_rss_worker = max(run.report.peak_rss_worker, outcome.peak_rss)
+        if outcome.detail:
+            log.debug("%s: %s traceback:\n%s", outcome.key, outcome.step, outcome.detail)
+        if outcome.step == "convert":
+            self._converted(outcome)
+        else:
+            self._written(outcome)
+        run.reporter.advance(outcome.step if outcome.step == "convert" else "ingest", outcome.key, outcome.ok)
+
+    def _stop(self) -> None:
+        """After a signal: start nothing new, give running steps the grace period, record what did not run."""
+        run = self.run
+        run.report.interrupted = run.interrupt.signum
+        not_run = run.steps.cancel_queued() + [("ingest", a.key) for a in self.ready]
+        self.ready = []
+        deadline = time.monotonic() + run.grace
+        while run.steps.busy and time.monotonic() < deadline:
+            for outcome in run.steps.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+                self._record(outcome)
+                self.ready = []  # a conversion that finished now is ingested by the next apply
+        not_run += run.steps.abandon()
+        run.report.not_run = [f"{step} {key}" for step, key in not_run]
+        self._close_phases()
+
+    def _close_phases(self) -> None:
+        run = self.run
+        if self.ingests_started is not None:
+            run.report.seconds["ingest"] = time.perf_counter() - self.ingests_started
+            run.reporter.done("ingest")
+
+
+def _writes(action: Action) -> bool:
+    """Whether the action writes into the atlas on a worker (an ingest or an obs update)."""
+    return action.ingests or "write_obs" in action.steps
