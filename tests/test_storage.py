@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,15 +235,13 @@ def test_failures_are_one_storage_error_naming_the_uri(where: Where, tmp_path: P
 # ---------------------------------------------------------------- a stalled object store (issue #26)
 
 
-@pytest.fixture
-def stalling_endpoint() -> Iterator[tuple[str, list[int]]]:
-    """An HTTP endpoint on loopback that reads a request's headers and a first part of its body, then stops
-    reading (and never answers); also the bytes it read per connection."""
+@contextmanager
+def _loopback_endpoint(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 that runs `handle` on each connection, each in its own thread."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     server.settimeout(0.2)
-    received: list[int] = []
     held: list[socket.socket] = []
     stop = threading.Event()
 
@@ -252,18 +252,12 @@ def stalling_endpoint() -> Iterator[tuple[str, list[int]]]:
             except OSError:
                 continue
             held.append(conn)
-            got = b""
-            while b"\r\n\r\n" not in got or len(got) < 256 << 10:
-                chunk = conn.recv(64 << 10)
-                if not chunk:
-                    break
-                got += chunk
-            received.append(len(got))
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}", received
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
     finally:
         stop.set()
         thread.join()
@@ -271,39 +265,91 @@ def stalling_endpoint() -> Iterator[tuple[str, list[int]]]:
             sock.close()
 
 
-@pytest.mark.parametrize("how", ["put_file", "write_atomic"])
-def test_a_stalled_upload_fails_naming_the_uri(stalling_endpoint: tuple[str, list[int]], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    """A 20 MB upload to an endpoint that stops reading mid-body ends with one StorageError naming the URI once
-    the request's deadline passes (lowered here from 60 s + 4 s/MiB, so that the test takes seconds)."""
+def _read_head(conn: socket.socket, at_least: int = 0) -> int:
+    """Read a request's headers and `at_least` bytes in all; the bytes read."""
+    got = b""
+    while b"\r\n\r\n" not in got or len(got) < at_least:
+        chunk = conn.recv(64 << 10)
+        if not chunk:
+            break
+        got += chunk
+    return len(got)
+
+
+@contextmanager
+def _bounded_to(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Reach `endpoint` as the object store, with the request deadline lowered from 60 s + 4 s per MiB to
+    2 s + 1 s per 20 MiB, so that a test takes seconds."""
     from soma_manifest.storage import s3
 
-    endpoint, received = stalling_endpoint
     monkeypatch.setattr(s3, "REQUEST_BASE_S", 2.0)
     monkeypatch.setattr(s3, "MIN_RATE", 20 << 20)
-    before = storage.settings()
-    storage.configure(StoreSettings(endpoint, "us-east-1"))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    before = storage.settings()
+    storage.configure(StoreSettings(endpoint, "us-east-1"))
+    try:
+        yield
+    finally:
+        storage.configure(before)
+
+
+def _outcome(call: Callable[[], object]) -> BaseException | None:
+    """What `call` raised (None if it returned); fails the test if it still runs after 120 s, far above the
+    lowered deadlines (a hang guard: the assertion is that it ends, not how fast)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the request hangs"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("how", ["put_file", "write_atomic"])
+def test_a_stalled_upload_fails_naming_the_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A 20 MB upload to an endpoint that reads the headers and a first part of the body, then stops reading
+    (and never answers), ends with one StorageError naming the URI once the request's deadline passes."""
+    received: list[int] = []
     loc = Location("s3://my-bucket/atlases/sample.h5ad")
     payload = os.urandom(20 << 20)
     local = tmp_path / "sample.h5ad"
     local.write_bytes(payload)
-    outcome: list[BaseException | None] = []
-
-    def upload() -> None:
-        try:
-            storage.put_file(str(local), loc) if how == "put_file" else storage.write_atomic(loc, payload)
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome.append(exc)
-
-    worker = threading.Thread(target=upload, daemon=True)
-    worker.start()
-    worker.join(120)  # a hang guard, far above the lowered deadline (3 s): the assertion is that it ends
-    storage.configure(before)
-    assert not worker.is_alive(), "the stalled upload hangs"
-    failed = outcome[0]
+    with _loopback_endpoint(lambda conn: received.append(_read_head(conn, 256 << 10))) as endpoint, \
+            _bounded_to(endpoint, monkeypatch):
+        failed = _outcome(lambda: storage.put_file(str(local), loc) if how == "put_file"
+                          else storage.write_atomic(loc, payload))
     assert isinstance(failed, StorageError), repr(failed)
     assert failed.where == loc.uri and "did not finish" in failed.message, failed.render()
     assert received and 0 < received[0] < len(payload), "the endpoint did not stall mid-body"
+
+
+def test_a_trickling_download_fails_naming_the_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer that promises 1 MB and sends a byte every 0.2 s never trips the read timeout (8 s of silence);
+    the whole-request deadline ends it."""
+    def trickle(conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nETag: \"e\"\r\n\r\n"
+        try:
+            while conn.recv(4, socket.MSG_PEEK) == b"HEAD":  # s3fs asks for the size first
+                _read_head(conn)
+                conn.sendall(head)
+            _read_head(conn)
+            conn.sendall(head)
+            for _ in range(600):
+                conn.sendall(b"x")
+                time.sleep(0.2)
+        except OSError:  # the client gave up and closed the connection
+            pass
+
+    loc = Location("s3://my-bucket/raw/study/metadata.tsv")
+    with _loopback_endpoint(trickle) as endpoint, _bounded_to(endpoint, monkeypatch):
+        failed = _outcome(lambda: storage.read_bytes(loc))
+    assert isinstance(failed, StorageError), repr(failed)
+    assert failed.where == loc.uri and "did not finish" in failed.message, failed.render()
