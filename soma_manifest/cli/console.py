@@ -105,7 +105,7 @@ class _LineReporter:
 
 
 @contextmanager
-def progress_reporter(console: Console) -> Iterator[object]:
+def progress_reporter(console: Console) -> Iterator[api.Reporter]:
     """Draws apply's progress on `console` (stderr)."""
     if not console.is_terminal:
         yield _LineReporter(console)
