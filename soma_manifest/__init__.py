@@ -15,6 +15,7 @@ The Python API (the CLI is a thin layer over it)::
     atlas.history()                        # the applies that changed the atlas
     with atlas.open(serial=12) as exp: ... # the atlas exactly as apply 12 left it (also to_anndata(serial=))
     atlas.compact()                        # consolidate + vacuum, keeping compaction.keep_history readable
+    sm.save_plan(plan, "s3://b/p.json")    # a plan for a later atlas.apply(plan=sm.read_plan("s3://b/p.json"))
 
 Importing this package stays light: tiledbsoma, anndata and scipy load only when an operation needs them.
 """
@@ -22,7 +23,7 @@ Importing this package stays light: tiledbsoma, anndata and scipy load only when
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from soma_manifest.api import Atlas, load
+    from soma_manifest.api import Atlas, load, read_plan, save_plan
     from soma_manifest.errors import (
         AtlasError,
         LockError,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     )
     from soma_manifest.plan import Action, Plan
 
-_HOME = {"Atlas": "api", "load": "api", "Action": "plan", "Plan": "plan", **{name: "errors" for name in (
+_HOME = {"Atlas": "api", "load": "api", "read_plan": "api", "save_plan": "api", "Action": "plan", "Plan": "plan", **{name: "errors" for name in (
     "AtlasError", "LockError", "ManifestError", "PlanError", "SchemaError", "SomaManifestError", "SourceError",
     "StateError")}}
 
@@ -54,5 +55,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action", "Atlas", "AtlasError", "LockError", "ManifestError", "Plan", "PlanError", "SchemaError",
-    "SomaManifestError", "SourceError", "StateError", "load",
+    "SomaManifestError", "SourceError", "StateError", "load", "read_plan", "save_plan",
 ]

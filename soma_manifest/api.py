@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from soma_manifest import planfile
 from soma_manifest.errors import AtlasError, StateError
-from soma_manifest.manifest import LoadedManifest, load_manifest
+from soma_manifest.interrupt import Interrupt
+from soma_manifest.manifest import LoadedManifest, load_manifest, manifest_json_schema
 from soma_manifest.plan import Observations, Plan, atlas_present, make_plan, observe
+from soma_manifest.reports import ApplyReport, CompactionReport, Reporter
 from soma_manifest.schema import AtlasSchema, load_schema
 from soma_manifest.sources import SampleSource
 from soma_manifest.state import State, load_state
@@ -25,8 +27,14 @@ if TYPE_CHECKING:
     import tiledbsoma
 
     from soma_manifest.executors import ExecutorConfig
-    from soma_manifest.interrupt import Interrupt
-    from soma_manifest.reports import ApplyReport, CompactionReport, Reporter
+    from soma_manifest.init import InitResult
+    from soma_manifest.lock import Holder
+
+# Also re-exported for callers (the CLI imports nothing else of the package but render and errors):
+# Interrupt, manifest_json_schema, and the types the operations take and return.
+__all__ = ["ApplyReport", "Atlas", "AtlasSchema", "AtlasSummary", "CompactionReport", "Interrupt", "Plan",
+           "Reporter", "dedicate_process", "init", "load", "load_target", "manifest_json_schema", "read_plan",
+           "save_plan", "stop_workers", "unlock"]
 
 
 def load(path: str | os.PathLike[str]) -> Atlas:
@@ -61,6 +69,27 @@ def load_target(where: str | os.PathLike[str]) -> tuple[Atlas, Plan | None]:
     return load(planfile.manifest_of(saved) if saved else where), saved
 
 
+def unlock(path: str | os.PathLike[str]) -> Holder | None:
+    """Remove the atlas lock deliberately (make sure no apply is running first): the holder it named, None when
+    the atlas was not locked. Reads the manifest only, so a broken schema does not stand in the way."""
+    from soma_manifest.lock import force_unlock, lock_path
+
+    return force_unlock(lock_path(load_manifest(Path(path)).state_path))
+
+
+def init(manifest: str | os.PathLike[str], raw: str | os.PathLike[str], atlas_storage: str | os.PathLike[str],
+         name: str, **options: object) -> InitResult:
+    """Write a first manifest (and its schema) listing the studies under a raw tree; overwrites nothing.
+
+    options: init.InitRequest's other fields (h5ad, logs, schema, reference_schema, processes, include_studies,
+    format_hint, notes). Raises InitError when a file to write exists, or an input is unusable.
+    """
+    from soma_manifest.init import InitRequest, init_manifest
+
+    return init_manifest(InitRequest(manifest=Path(manifest), raw=Path(raw), atlas_storage=Path(atlas_storage),
+                                     name=name, **options))
+
+
 def dedicate_process() -> None:
     """Declare that this process runs soma-manifest only, as the command line does: an apply on local
     workers then also keeps Dask (which anndata imports when installed, ~0.5 s) out of this process."""
@@ -74,6 +103,19 @@ def stop_workers() -> None:
     from soma_manifest.executors import stop_local_workers
 
     stop_local_workers()
+
+
+@dataclass(frozen=True)
+class AtlasSummary:
+    """What the atlas holds, now or as apply `serial` left it (`Atlas.summary`)."""
+
+    uri: str
+    serial: int | None
+    timestamp_ms: int | None  # the TileDB timestamp it was read at; None: now
+    cells: int
+    genes: int
+    layers: tuple[str, ...]
+    samples: dict[tuple[str, str], int]  # (study, sample) -> cells, from the obs ids
 
 
 @dataclass(frozen=True)
@@ -260,6 +302,17 @@ class Atlas:
 
         timestamp = timestamp_of(self.require_state(), serial) if serial is not None else None
         return open_experiment(self.uri, timestamp)
+
+    def summary(self, serial: int | None = None) -> AtlasSummary:
+        """Cells, genes, layers and cells per sample of the atlas; serial: as apply `serial` left it (see
+        `history()`; StateError when that apply is unknown or a compaction made it unreadable)."""
+        from soma_manifest.atlas import overview
+        from soma_manifest.history import timestamp_of
+
+        timestamp = timestamp_of(self.require_state(), serial) if serial is not None else None
+        found = overview(self.uri, timestamp)
+        return AtlasSummary(self.uri, serial, timestamp, found.cells, found.genes, tuple(found.layers),
+                            dict(found.samples))
 
     def history(self) -> list[dict]:
         """The applies that changed the atlas, oldest first: each history entry of the state, plus `readable`

@@ -98,8 +98,3 @@ def timestamp_of(state: State, serial: int) -> int:
                               "`soma-manifest history` says which are")
     return entry.timestamp_ms
 
-
-def describe(changes: dict[str, list[str]]) -> str:
-    """`added 2, replaced 1` for the changes of a history entry."""
-    return ", ".join(f"{word} {len(keys)}" for word, keys in changes.items()) or "created the atlas"
-

@@ -24,13 +24,13 @@ _REPLAN = "run `soma-manifest plan --out` again and review the new plan"
 
 def save_plan(plan: Plan, where: str | os.PathLike[str]) -> None:
     """Write the plan's JSON to `where` in one step (a crash leaves the old file or the new one)."""
-    storage.write_atomic(Location(where), (plan.to_json() + "\n").encode())
+    storage.write_atomic(_location(where), (plan.to_json() + "\n").encode())
 
 
 def read_saved_plan(where: str | os.PathLike[str]) -> Plan | None:
     """The plan saved at `where`; None when `where` is not a saved plan (a manifest: its loader says what
     is wrong with it). PlanError for a plan of another format version or an invalid one."""
-    loc = Location(where)
+    loc = _location(where)
     if loc.suffix.lower() in (".yaml", ".yml"):
         return None
     data = storage.read_bytes(loc, missing_ok=True)
@@ -52,6 +52,11 @@ def read_saved_plan(where: str | os.PathLike[str]) -> Plan | None:
         first = exc.errors()[0]
         raise PlanError(f"not a valid plan: {'.'.join(map(str, first['loc']))}: {first['msg']}", where=loc,
                         hint="make it again with `soma-manifest plan --out`") from None
+
+
+def _location(where: str | os.PathLike[str]) -> Location:
+    """An s3:// URI as it is; a local path made absolute (relative to the working directory)."""
+    return storage.resolve(os.fspath(where), os.getcwd())
 
 
 def manifest_of(saved: Plan) -> Path:

@@ -153,5 +153,10 @@ def ledger_text(state: State) -> str:
     return "\n".join(lines)
 
 
+def history_changes(changes: dict[str, list[str]]) -> str:
+    """`added 2, replaced 1` for the changes of a history entry."""
+    return ", ".join(f"{word} {len(keys)}" for word, keys in changes.items()) or "created the atlas"
+
+
 def problems_text(problems: Iterable[str]) -> str:
     return "\n".join(f"  - {escape(p)}" for p in problems)

@@ -1,10 +1,4 @@
-"""The soma-manifest command line. The only module that prints or exits.
-
-Exit codes: 0 success (for `plan --detailed-exitcode`: no changes); 2 only from
-`plan --detailed-exitcode`, when there are changes; 1 everything else that went wrong, usage
-errors and invalid manifests included, so that CI never reads an error as "changes present".
-Results go to stdout (machine-readable with --json); progress, logs and errors go to stderr.
-"""
+"""The commands: each parses its arguments, calls the API, and prints what it returns (console.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +6,16 @@ import json
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, NoReturn, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
-from soma_manifest import api
+from soma_manifest import api, render
+from soma_manifest.cli.console import Output, guard, interruptible, progress_reporter
 from soma_manifest.errors import ManifestError, SomaManifestError
-from soma_manifest.manifest import LoadedManifest, load_manifest, manifest_json_schema
-from soma_manifest.plan import Plan
 
 try:  # recent typer vendors click; older releases use click itself
     from typer._click.exceptions import ClickException
@@ -31,27 +23,6 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-class Output:
-    """stdout for results, stderr for progress and errors; styles only on a terminal."""
-
-    plain = False  # --no-color
-
-    @classmethod
-    def _console(cls, stderr: bool) -> Console:
-        plain = cls.plain or bool(os.environ.get("NO_COLOR"))
-        # force_terminal=False also beats FORCE_COLOR and drops bold/dim, not only colours.
-        return Console(stderr=stderr, highlight=False, soft_wrap=True, no_color=plain or None,
-                       force_terminal=False if plain else None)
-
-    @classmethod
-    def out(cls) -> Console:
-        return cls._console(stderr=False)
-
-    @classmethod
-    def err(cls) -> Console:
-        return cls._console(stderr=True)
 
 
 def _set_plain(value: bool) -> None:
@@ -70,28 +41,6 @@ def _options(no_color: NoColor = False) -> None:
     """Terraform-style desired state for single-cell atlases in TileDB-SOMA."""
 
 
-def _guard(fn: Callable[[], int]) -> None:
-    """Run a command; a SomaManifestError becomes one clear message on stderr and exit 1."""
-    try:
-        code = fn()
-    except ManifestError as exc:
-        err = Output.err()
-        err.print("[red]error:[/] invalid input")
-        for problem in exc.problems:
-            err.print(f"  {problem}", markup=False)
-        raise typer.Exit(1)
-    except SomaManifestError as exc:
-        Output.err().print(f"[red]error:[/] {_escape(exc.render())}")
-        raise typer.Exit(1)
-    raise typer.Exit(code)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
 # --- commands ---------------------------------------------------------------------------------
 
 @app.command()
@@ -106,19 +55,19 @@ def validate(manifests: list[Path] = typer.Argument(..., help="One or more manif
                 samples = api.load(path).validate()
             except ManifestError as exc:
                 failures += 1
-                Output.err().print(f"[red]invalid:[/] {_escape(str(path))}")
+                Output.err().print(f"[red]invalid:[/] {escape(str(path))}")
                 for problem in exc.problems:
                     Output.err().print(f"  {problem}", markup=False)
                 continue
             except SomaManifestError as exc:
                 failures += 1
-                Output.err().print(f"[red]invalid:[/] {_escape(str(path))}: {_escape(exc.render())}")
+                Output.err().print(f"[red]invalid:[/] {escape(str(path))}: {escape(exc.render())}")
                 continue
             studies = len({s.study for s in samples})
-            Output.out().print(f"valid: {_escape(str(path))} ({len(samples)} samples in {studies} studies)")
+            Output.out().print(f"valid: {escape(str(path))} ({len(samples)} samples in {studies} studies)")
         return 1 if failures else 0
 
-    _guard(run)
+    guard(run)
 
 
 _REFERENCE = "(soma-curation's flag) "
@@ -150,8 +99,6 @@ def init(
     no_color: NoColor = False,
 ) -> None:
     """Write a manifest listing the studies under a raw tree, and its schema. Overwrites nothing."""
-    from soma_manifest.init import InitRequest, init_manifest
-
     # `--include-studies a b c` as the reference writes it: click leaves b and c as extra arguments.
     if ctx.args and not include_studies:
         raise typer.BadParameter(f"unexpected arguments: {' '.join(ctx.args)}", param_hint="MANIFEST")
@@ -160,20 +107,20 @@ def init(
              if value is not None]
 
     def run() -> int:
-        result = init_manifest(InitRequest(
-            manifest=manifest_path, raw=raw, atlas_storage=atlas_storage, name=name, h5ad=h5ad, logs=logs,
-            schema=schema_path, reference_schema=db_schema, processes=processes,
-            include_studies=(*include_studies, *ctx.args), format_hint=collection_type, notes=tuple(notes)))
+        result = api.init(manifest_path, raw, atlas_storage, name, h5ad=h5ad, logs=logs, schema=schema_path,
+                          reference_schema=db_schema, processes=processes,
+                          include_studies=(*include_studies, *ctx.args), format_hint=collection_type,
+                          notes=tuple(notes))
         err = Output.err()
         for note in result.notes:
-            err.print(f"note: {_escape(note)}")
+            err.print(f"note: {escape(note)}")
         listed = [s for s in result.studies if s.format]
-        Output.out().print(f"Wrote {', '.join(_escape(str(p)) for p in result.written)} "
+        Output.out().print(f"Wrote {', '.join(escape(str(p)) for p in result.written)} "
                            f"({len(listed)} of {len(result.studies)} studies listed).")
-        Output.out().print(f"Next: soma-manifest validate {_escape(str(manifest_path))}, then plan and apply.")
+        Output.out().print(f"Next: soma-manifest validate {escape(str(manifest_path))}, then plan and apply.")
         return 0
 
-    _guard(run)
+    guard(run)
 
 
 class PlanFormat(str, Enum):
@@ -195,8 +142,6 @@ def plan(
     no_color: NoColor = False,
 ) -> None:
     """Show what apply would do to each sample, and why. Writes nothing (but --out)."""
-    from soma_manifest import render
-
     if as_json and fmt not in (None, PlanFormat.json):
         raise typer.BadParameter("--json and --format markdown/text exclude each other", param_hint="--json")
     chosen = PlanFormat.json if as_json else fmt or PlanFormat.text
@@ -206,8 +151,8 @@ def plan(
         the_plan = atlas.plan()
         if out is not None:
             api.save_plan(the_plan, out)
-            Output.err().print(f"Saved the plan to {_escape(str(out))}; apply it with "
-                               f"`soma-manifest apply {_escape(str(out))}` from this directory.")
+            Output.err().print(f"Saved the plan to {escape(str(out))}; apply it with "
+                               f"`soma-manifest apply {escape(str(out))}` from this directory.")
         if chosen is PlanFormat.json:
             sys.stdout.write(the_plan.to_json() + "\n")
         elif chosen is PlanFormat.markdown:
@@ -216,7 +161,7 @@ def plan(
             Output.out().print(render.plan_text(the_plan, verbose=verbose, state=atlas.state if verbose else None))
         return 2 if detailed_exitcode and the_plan.has_changes else 0
 
-    _guard(run)
+    guard(run)
 
 
 class ExecutorKind(str, Enum):
@@ -241,89 +186,49 @@ def apply(
     no_color: NoColor = False,
 ) -> None:
     """Make the atlas match the manifest: run exactly the steps `plan` shows (or refuse a stale saved plan)."""
-    from soma_manifest import render
-    from soma_manifest.progress import progress_reporter
-
     if executor_kind is ExecutorKind.loky and scheduler:
         raise typer.BadParameter("--scheduler needs --executor dask", param_hint="--scheduler")
 
     def run() -> int:
         atlas, saved = api.load_target(target)
         err = Output.err()
-        planned: list[Plan] = []
+        planned: list[api.Plan] = []
 
-        def announce(the_plan: Plan) -> None:
+        def announce(the_plan: api.Plan) -> None:
             planned.append(the_plan)
             if saved is not None:
-                err.print(f"Applying the plan saved at {saved.created_at} ({_escape(str(target))}).")
+                err.print(f"Applying the plan saved at {saved.created_at} ({escape(str(target))}).")
             if not the_plan.has_changes:
                 err.print(f"No changes: {the_plan.summary.samples} samples up to date. Nothing to do.")
             else:
                 err.print(render.plan_text(the_plan))
 
-        with _interruptible() as interrupt, progress_reporter(err) as reporter:
+        with interruptible() as interrupt, progress_reporter(err) as reporter:
             report = atlas.apply(processes=processes, allow_delete=allow_delete, plan=saved, reporter=reporter,
                                  on_plan=announce, chunk_nnz=chunk_nnz,
                                  executor=executor_kind.value if executor_kind else None, scheduler=scheduler,
                                  interrupt=interrupt, grace=grace)
         for path in report.swept:
-            err.print(f"Removed {_escape(path)}, left by an interrupted run.")
+            err.print(f"Removed {escape(path)}, left by an interrupted run.")
         if not planned[0].has_changes:
             return 0
-        _print_report(report, atlas.manifest)
+        _print_report(report, atlas.uri)
         if report.interrupted:
             return 128 + report.interrupted
         return 0 if report.ok else 1
 
-    _guard(run)
+    guard(run)
 
 
-@contextmanager
-def _interruptible() -> Iterator[object]:
-    """SIGINT and SIGTERM during apply. The first asks apply to stop starting steps and to finish cleanly
-    (apply saves the state, the lock is released, exit 130/143). A second one stops at once: the lock is
-    released so that steps still running stop before their next write, and the process exits; the state,
-    saved after every step, is as after a kill -9 and the next apply converges from it.
-
-    The handlers only set a flag and write with os.write. Before, SIGINT raised KeyboardInterrupt wherever
-    each process was (apply and every worker: a terminal signals the whole group), and workers crashed with
-    SIGSEGV inside TileDB's own SIGINT handler (see executors._quiet_worker); SIGTERM ended apply without
-    releasing the lock."""
-    import signal
-
-    from soma_manifest.interrupt import Interrupt
-
-    interrupt = Interrupt()
-
-    def handler(signum: int, frame: object) -> None:
-        if interrupt.signum is None:
-            interrupt.signum = signum
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping; running steps may finish (press Ctrl-C "
-                        "again to stop at once).\n".encode())
-            return
-        if interrupt.lock is not None:
-            interrupt.lock.__exit__(None, None, None)
-        os.write(2, b"Stopped at once. The state is saved after every step: run `soma-manifest apply` again "
-                    b"to resume.\n")
-        os._exit(128 + interrupt.signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield interrupt
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def _print_report(report, manifest: LoadedManifest) -> None:
+def _print_report(report: api.ApplyReport, uri: str) -> None:
     err = Output.err()
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     err.print(f"Apply finished: {len(report.succeeded)} succeeded, {len(report.failed)} failed, "
               f"{report.unchanged} unchanged, {len(report.removed)} removed ({seconds}).")
     for key, error in sorted(report.failed.items()):
-        err.print(f"  [red]failed[/] {_escape(key)}: {_escape(error)}")
+        err.print(f"  [red]failed[/] {escape(key)}: {escape(error)}")
     for problem in report.verify_problems:
-        err.print(f"  [red]verify[/] {_escape(problem)}")
+        err.print(f"  [red]verify[/] {escape(problem)}")
     if report.failed:
         err.print("The failed samples are recorded in the state; fix them and run apply again to retry.")
     if report.interrupted:
@@ -331,8 +236,8 @@ def _print_report(report, manifest: LoadedManifest) -> None:
 
         left = f": {', '.join(report.not_run)}" if report.not_run else ""
         err.print(f"Interrupted by {signal.Signals(report.interrupted).name}; {len(report.not_run)} step(s) did "
-                  f"not run{_escape(left)}. The state is saved: run `soma-manifest apply` again to resume.")
-    err.print(f"Atlas: {_escape(str(manifest.atlas_uri))}  (log: {_escape(str(report.log_file))})")
+                  f"not run{escape(left)}. The state is saved: run `soma-manifest apply` again to resume.")
+    err.print(f"Atlas: {escape(uri)}  (log: {escape(str(report.log_file))})")
 
 
 @app.command()
@@ -346,9 +251,9 @@ def verify(
         atlas = api.load(manifest_path)
         problems = atlas.verify(deep=deep)
         if problems:
-            Output.out().print(f"[red]Drift found in {_escape(atlas.uri)}:[/]")
+            Output.out().print(f"[red]Drift found in {escape(atlas.uri)}:[/]")
             for p in problems:
-                Output.out().print(f"  - {_escape(p)}")
+                Output.out().print(f"  - {escape(p)}")
             return 1
         state = atlas.require_state()
         cells = sum(s.atlas_cells or 0 for s in state.samples.values() if s.ingest == "done")
@@ -356,7 +261,7 @@ def verify(
                            + (" and their h5ad files" if deep else "") + ".")
         return 0
 
-    _guard(run)
+    guard(run)
 
 
 @app.command()
@@ -369,38 +274,34 @@ def show(
     no_color: NoColor = False,
 ) -> None:
     """The per-sample ledger from the state."""
-    from soma_manifest import render
-
     if serial is not None and not summary:
         raise typer.BadParameter("--serial needs --summary (the ledger is always the current state's)",
                                  param_hint="--serial")
 
     def run() -> int:
-        the_atlas = api.load(manifest_path)
-        state = the_atlas.require_state()
+        atlas = api.load(manifest_path)
+        state = atlas.require_state()
         if as_json:
             sys.stdout.write(render.ledger_json(state) + "\n")
         else:
             Output.out().print(render.ledger_text(state))
         if summary:
-            from soma_manifest import atlas
-            from soma_manifest.history import timestamp_of
-
-            timestamp = timestamp_of(state, serial) if serial is not None else None
-            ov = atlas.overview(the_atlas.uri, timestamp)
-            when = f" as apply {serial} left it" if serial is not None else ""
-            Output.out().print(f"\nAtlas {_escape(the_atlas.uri)}{when}: {ov.cells:,} cells x "
-                               f"{ov.genes:,} genes, layers {', '.join(ov.layers)}, {len(ov.samples)} samples")
-            for (study, sample), cells in sorted(ov.samples.items()) if serial is not None else ():
-                Output.out().print(f"  {study}/{sample}: {cells:,} cells", markup=False)
-            at = f", tiledb_timestamp={timestamp}" if timestamp is not None else ""
-            schema = the_atlas.schema
-            Output.out().print(f"Read it with: tiledbsoma.Experiment.open(uri{at}).axis_query('"
-                               f"{schema.measurement}').to_anndata(X_name='{schema.counts_layer.name}')",
-                               markup=False)
+            _print_summary(atlas.summary(serial), atlas.schema)
         return 0
 
-    _guard(run)
+    guard(run)
+
+
+def _print_summary(found: api.AtlasSummary, schema: api.AtlasSchema) -> None:
+    out = Output.out()
+    when = f" as apply {found.serial} left it" if found.serial is not None else ""
+    out.print(f"\nAtlas {escape(found.uri)}{when}: {found.cells:,} cells x {found.genes:,} genes, "
+              f"layers {', '.join(found.layers)}, {len(found.samples)} samples")
+    for (study, sample), cells in sorted(found.samples.items()) if found.serial is not None else ():
+        out.print(f"  {study}/{sample}: {cells:,} cells", markup=False)
+    at = f", tiledb_timestamp={found.timestamp_ms}" if found.timestamp_ms is not None else ""
+    out.print(f"Read it with: tiledbsoma.Experiment.open(uri{at}).axis_query('{schema.measurement}')"
+              f".to_anndata(X_name='{schema.counts_layer.name}')", markup=False)
 
 
 @app.command()
@@ -410,13 +311,11 @@ def history(
     no_color: NoColor = False,
 ) -> None:
     """The applies that changed the atlas, and which of them can still be read (`show --serial N --summary`)."""
-    from soma_manifest import history as hist
-
     def run() -> int:
-        the_atlas = api.load(manifest_path)
-        rows = the_atlas.history()
+        atlas = api.load(manifest_path)
+        rows = atlas.history()
         if as_json:
-            compaction = the_atlas.require_state().compaction.model_dump()
+            compaction = atlas.require_state().compaction.model_dump()
             sys.stdout.write(json.dumps({"history": rows, "compaction": compaction}, indent=1) + "\n")
             return 0
         out = Output.out()
@@ -425,11 +324,11 @@ def history(
         for row in rows:
             status = ("kept readable" if row["kept"] else "readable until a compaction purges deletes after it") \
                 if row["readable"] else "[red]no longer readable[/] (compaction purged cells deleted after it)"
-            out.print(f"serial {row['serial']}  {row['finished_at']}  {hist.describe(row['changes'])}; "
+            out.print(f"serial {row['serial']}  {row['finished_at']}  {render.history_changes(row['changes'])}; "
                       f"{row['cells_total']:,} cells  tiledb_timestamp={row['timestamp_ms']}  {status}")
         return 0
 
-    _guard(run)
+    guard(run)
 
 
 @app.command()
@@ -437,8 +336,8 @@ def compact(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_co
     """Consolidate and vacuum every array of the atlas, under the lock; the applies that
     compaction.keep_history retains stay readable."""
     def run() -> int:
-        the_atlas = api.load(manifest_path)
-        report = the_atlas.compact()
+        atlas = api.load(manifest_path)
+        report = atlas.compact()
         if report is None:
             Output.err().print("No atlas yet: nothing to compact.")
             return 0
@@ -448,28 +347,25 @@ def compact(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_co
         for a in report.arrays:
             purged = "  (deleted cells purged)" if a.purged else ""
             out.print(f"  {a.name}: {a.fragments_before} -> {a.fragments_after} fragments{purged}", markup=False)
-        out.print(f"Compacted {_escape(the_atlas.uri)}: {report.fragments_before} -> "
+        out.print(f"Compacted {escape(atlas.uri)}: {report.fragments_before} -> "
                   f"{report.fragments_after} fragments in {report.seconds:.1f}s.")
         return 0
 
-    _guard(run)
+    guard(run)
 
 
 @app.command()
 def unlock(manifest_path: Path = typer.Argument(..., metavar="MANIFEST"), no_color: NoColor = False) -> None:
     """Remove the atlas lock deliberately (after making sure no apply is running)."""
-    from soma_manifest.lock import force_unlock, lock_path
-
     def run() -> int:
-        manifest = load_manifest(manifest_path)
-        holder = force_unlock(lock_path(manifest.state_path))
+        holder = api.unlock(manifest_path)
         if holder is None:
             Output.err().print("The atlas was not locked.")
         else:
-            Output.err().print(f"Removed the lock held by {_escape(holder.describe())}.")
+            Output.err().print(f"Removed the lock held by {escape(holder.describe())}.")
         return 0
 
-    _guard(run)
+    guard(run)
 
 
 class SchemaOf(str, Enum):
@@ -481,9 +377,7 @@ class SchemaOf(str, Enum):
 def schema(of: SchemaOf = typer.Argument(SchemaOf.manifest, help="manifest (default) or plan."),
            no_color: NoColor = False) -> None:
     """Print a JSON Schema: of the manifest (schemas/manifest.schema.json) or of plans (schemas/plan.schema.json)."""
-    from soma_manifest import render
-
-    doc = manifest_json_schema() if of is SchemaOf.manifest else render.plan_json_schema()
+    doc = api.manifest_json_schema() if of is SchemaOf.manifest else render.plan_json_schema()
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
