@@ -323,8 +323,9 @@ def apply(
 def _interruptible() -> Iterator[object]:
     """SIGINT and SIGTERM during apply. The first asks apply to stop starting steps and to finish cleanly
     (apply saves the state, the lock is released, exit 130/143). A second one stops at once: the lock is
-    released so that steps still running stop before their next write, and the process exits; the state,
-    saved after every step, is as after a kill -9 and the next apply converges from it.
+    released so that steps still running on a cluster stop before their next write, local workers are killed
+    (executors.stop_at_once), and the process exits; the state, saved after every step, is as after a kill -9
+    and the next apply converges from it.
 
     The handlers only set a flag and write with os.write. Before, SIGINT raised KeyboardInterrupt wherever
     each process was (apply and every worker: a terminal signals the whole group), and workers crashed with
@@ -344,6 +345,9 @@ def _interruptible() -> Iterator[object]:
             return
         if interrupt.lock is not None:
             interrupt.lock.__exit__(None, None, None)
+        executors = sys.modules.get("soma_manifest.executors")  # not imported here: no import in a handler
+        if executors is not None:
+            executors.stop_at_once()
         os.write(2, b"Stopped at once. The state is saved after every step: run `soma-manifest apply` again "
                     b"to resume.\n")
         os._exit(128 + interrupt.signum)
@@ -545,6 +549,9 @@ def _exit(code: int) -> NoReturn:
     is stored: the commands close their files, state and logs (and release the lock) before they return.
     Idle local workers are stopped (killed) first, else they would outlive the command."""
     api.stop_workers()
+    from soma_manifest.executors import release_semaphores
+
+    release_semaphores()  # os._exit runs no finalizer: unlinked here, or a resource tracker warns of leaks
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

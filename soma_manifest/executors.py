@@ -298,6 +298,36 @@ def stop_local_workers() -> None:
     _settle()
 
 
+def stop_at_once() -> None:
+    """For a process about to end with os._exit now, from a signal handler (a second Ctrl-C): SIGKILL this
+    process's loky workers (their steps are redone by the next apply, as after a kill -9; else they ran on,
+    lease-fenced, and lingered until loky's idle timeout) and release its named semaphores. Takes no lock of
+    loky's: the handler may have interrupted this thread inside one."""
+    for process in list(getattr(_pool, "_processes", {}).values()):
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    release_semaphores()
+
+
+def release_semaphores() -> None:
+    """Unlink the named semaphores this process still holds, as the interpreter's exit would (multiprocessing's
+    finalizers): for a process about to end with os._exit, which runs none. Else each resource tracker (loky's,
+    and multiprocessing's for a LocalCluster's process queues) warned on stderr of "leaked semlock objects",
+    once the last process holding it was gone. Only modules already loaded: none is imported here (this runs in
+    a signal handler too)."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is None:
+        return
+    cleanups = {getattr(sys.modules.get(name), "SemLock", None) for name in
+                ("multiprocessing.synchronize", "loky.backend.synchronize")}
+    cleanups = {cls._cleanup for cls in cleanups if cls is not None}
+    for finalizer in list(util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) in cleanups:
+            finalizer()
+
+
 def _warm_imports() -> None:
     import gc
     import importlib
