@@ -220,7 +220,7 @@ class LokyExecutor(_Queued):
 
     def _abandon_running(self) -> None:
         # Steps still running are killed; their ranges stay "allocated" in the state and are redone.
-        _retire(self.pool)
+        _retired.append(_held(self.pool))
         self.pool.shutdown(wait=False, kill_workers=True)
 
 
@@ -241,19 +241,17 @@ def _loky_pool(processes: int):
     # Workers read object-store credentials from their environment (never from task arguments). Passing the
     # AWS_* variables makes loky start fresh workers when they changed since its pool was started.
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    before = _pool
-    if before is not None:
-        _retire(before)  # loky shuts it down itself if it cannot reuse it (broken, shut down, other arguments)
+    before, held = _pool, _held(_pool)
     _pool = get_reusable_executor(max_workers=processes, timeout=30, initializer=_quiet_worker, env=aws)
-    if _pool is before:
-        _retired.pop()
+    if before is not None and _pool is not before:  # loky shut it down: broken, shut down, other arguments
+        _retired.append(held)
     _retired[:] = [(m, q) for m, q in _retired if _alive(m, q)]
     return _pool
 
 
-def _retire(pool: Any) -> None:
-    """Keep hold of a pool's manager thread and call queue before it is shut down (shutdown forgets them)."""
-    _retired.append((pool._executor_manager_thread, pool._call_queue))
+def _held(pool: Any) -> tuple[Any, Any]:
+    """A pool's manager thread and call queue, taken before it is shut down (shutdown forgets them)."""
+    return getattr(pool, "_executor_manager_thread", None), getattr(pool, "_call_queue", None)
 
 
 def _alive(manager: Any, calls: Any) -> bool:
@@ -289,10 +287,11 @@ def dedicate_process() -> None:
 
 def stop_local_workers() -> None:
     """Stop the loky workers this process started, idle between applies (they would otherwise live until
-    their 30 s idle timeout, or hold the interpreter's exit while they shut down)."""
+    their 30 s idle timeout, or hold the interpreter's exit while they shut down), and wait until nothing of
+    their pools holds a semaphore (_settle)."""
     global _pool
     if _pool is not None:
-        _retire(_pool)
+        _retired.append(_held(_pool))
         _pool.shutdown(wait=True, kill_workers=True)
         _pool = None
     _settle()
