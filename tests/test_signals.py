@@ -38,6 +38,13 @@ def session_processes(sid: int) -> list[int]:
     return alive
 
 
+def wait_session_gone(sid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while session_processes(sid):
+        assert time.monotonic() < deadline, f"left behind: {session_processes(sid)}"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize(("sig", "code", "group", "executor"),
                          [(signal.SIGINT, 130, True, "loky"), (signal.SIGTERM, 143, False, "loky"),
                           (signal.SIGINT, 130, True, "dask")], ids=["SIGINT", "SIGTERM", "SIGINT-dask"])
@@ -65,10 +72,7 @@ def test_first_signal_finishes_running_steps_and_exits_cleanly(project: Project,
         done_samples = [k for k, s in state.samples.items() if s.ingest == "done"]
         assert len(done_samples) == 1, "the running step finished, and no other started"
         if executor == "dask":
-            deadline = time.monotonic() + 30
-            while session_processes(run.proc.pid):
-                assert time.monotonic() < deadline, f"left behind: {session_processes(run.proc.pid)}"
-                time.sleep(0.2)
+            wait_session_gone(run.proc.pid, 30)
         apply_ok(project)
         assert_converged(project)
     finally:
@@ -94,10 +98,7 @@ def test_second_sigint_stops_at_once(project: Project, tmp_path: Path, executor:
         assert not lock_path(project.state_path).exists()
         (pause / "armed").unlink()
         (pause / "release").touch()  # a worker still alive would go on now
-        deadline = time.monotonic() + 60
-        while session_processes(run.proc.pid):
-            assert time.monotonic() < deadline, f"left behind: {session_processes(run.proc.pid)}"
-            time.sleep(0.2)
+        wait_session_gone(run.proc.pid, 60)
         stderr = run.err.read_text()  # now complete: the resource trackers were in the session too
         assert "Stopped at once" in stderr
         for unwanted in ("Traceback", "leaked", "resource_tracker"):
