@@ -3,14 +3,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-small clean
+.PHONY: demo test bench bench-small clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# The test environment installs the versions in constraints.txt (every package, pinned: what CI last passed
+# with), so that `make test` resolves nothing new and never backtracks. `make constraints` re-resolves them from
+# pyproject.toml in a fresh venv; commit the result once `make test` passes with it.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +31,17 @@ bench-small: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --preset full
+
+LOCK_VENV := .venv-constraints
+
+constraints:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	{ echo "# pip freeze of '.[test]' resolved in a fresh venv by \`make constraints\` (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'))"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf demo_work .pytest_cache

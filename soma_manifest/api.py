@@ -7,6 +7,7 @@ Heavy imports (tiledbsoma, anndata, scipy, pandas) happen inside the methods tha
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -103,6 +104,23 @@ def stop_workers() -> None:
     from soma_manifest.executors import stop_local_workers
 
     stop_local_workers()
+
+
+def before_exit() -> None:
+    """For a process about to end with os._exit (the CLI): stop the local workers and unlink the named semaphores
+    the interpreter's teardown would have (else a resource tracker warns of leaked semlock objects)."""
+    from soma_manifest.executors import release_semaphores, stop_local_workers
+
+    stop_local_workers()
+    release_semaphores()
+
+
+def stop_at_once() -> None:
+    """From a signal handler, before os._exit: kill this process' local workers and unlink its semaphores.
+    Imports nothing (a handler may have interrupted an import); a no-op when no apply ran here."""
+    executors = sys.modules.get("soma_manifest.executors")
+    if executors is not None:
+        executors.stop_at_once()
 
 
 @dataclass(frozen=True)

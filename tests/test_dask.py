@@ -4,6 +4,7 @@ dead apply's step is fenced out."""
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 import signal
@@ -14,21 +15,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.io
 import tiledbsoma
 
 from conftest import (
     DATA,
     Project,
+    SampleData,
     apply_ok,
     assert_converged,
     invoke_cli,
     make_sample,
     plan_actions,
     read_state,
+    run_cli,
     set_cell_type,
     start_cli,
 )
 from daskcluster import DaskCluster, free_port
+from roundtrip import assert_counts_equal, read_sample_as_user
 from s3server import CREDENTIALS, S3Server
 from soma_manifest import storage
 from soma_manifest.faults import ENV as CRASH_AT
@@ -64,8 +69,8 @@ def lock_left(project: Project) -> bool:
     return lock_path(project.state_path).exists()
 
 
-def add_h5ad_and_10x_h5(project: Project) -> None:
-    """An h5ad study and a Cell Ranger HDF5 study next to the project's MTX studies."""
+def add_h5ad_and_10x_h5(project: Project) -> SampleData:
+    """An h5ad study and a Cell Ranger HDF5 study next to the project's MTX studies; the h5ad sample's data."""
     import anndata
 
     data = make_sample(30, 20, seed=4, gene_offset=3)
@@ -79,6 +84,7 @@ def add_h5ad_and_10x_h5(project: Project) -> None:
     shutil.copy(DATA / "10x-v3-chr21" / "filtered_feature_bc_matrix.h5", h5 / "chr21.h5")
     project.write_manifest("  - name: study_a\n  - name: study_b\n  - name: lung\n    format: h5ad\n"
                            "  - name: chr21\n    format: 10x_h5\n")
+    return data
 
 
 def atlas_by_obs_id(uri: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -132,6 +138,42 @@ def test_round_trip_and_an_add_on_s3_equal_loky(project: Project, tmp_path: Path
         pd.testing.assert_frame_equal(loky_x, dask_x)
     assert "No changes" in apply_ok(s3, *cluster).stderr
     assert_converged(s3)
+
+
+def test_h5ad_and_10x_h5_inputs_on_s3_through_the_cluster(tmp_path: Path, s3_server: S3Server,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           dask_cluster: DaskCluster) -> None:
+    """The cluster's workers read an h5ad and a Cell Ranger .h5 (real, 1107 cells) from the bucket and write the
+    atlas there: each sample equals its input cell by cell and gene by gene. The expected counts are read
+    without our readers: the h5ad's from the data written, the .h5's from the MTX folder Cell Ranger wrote
+    beside it (the same matrix, tests/data/README.md), and the MTX samples' from the data generated."""
+    project = on_s3(tmp_path, s3_server, monkeypatch)
+    h5ad = add_h5ad_and_10x_h5(project)
+    project.manifest.write_text(re.sub(r"object_store:\n(?:  .*\n)+", "", project.manifest.read_text()))
+    project.upload()
+    assert {"raw/lung/h5ad/donor1.h5ad", "raw/chr21/10x_h5/chr21.h5"} <= set(project.objects())
+    done = apply_ok(project, "--scheduler", dask_cluster.address)
+    assert "Apply finished: 5 succeeded, 0 failed" in done.stderr
+    assert "executor dask at " + dask_cluster.address in read_text(project, read_log(project))
+
+    mtx = DATA / "10x-v3-chr21" / "filtered_feature_bc_matrix"
+    with gzip.open(mtx / "matrix.mtx.gz") as fh:
+        chr21 = scipy.io.mmread(fh).T.tocsr()
+    with gzip.open(mtx / "barcodes.tsv.gz", "rt") as fh:
+        chr21_barcodes = fh.read().split()
+    with gzip.open(mtx / "features.tsv.gz", "rt") as fh:
+        chr21_genes = [line.split("\t")[0] for line in fh.read().splitlines()]
+    expected = {("lung", "donor1"): (h5ad.counts, h5ad.barcodes, h5ad.gene_ids),
+                ("chr21", "chr21"): (chr21, chr21_barcodes, chr21_genes)}
+    for key, data in project.samples.items():
+        expected[tuple(key.split("/"))] = (data.counts, data.barcodes, data.gene_ids)
+    for (study, sample), (counts, barcodes, gene_ids) in expected.items():
+        adata = read_sample_as_user(project.atlas_uri, study, sample)
+        assert_counts_equal(adata, study, sample, counts, barcodes, gene_ids)
+    assert chr21.shape == (1107, 507) and chr21.nnz > 0
+    assert "No changes" in apply_ok(project, "--scheduler", dask_cluster.address).stderr
+    result = run_cli("verify", "--deep", project.manifest)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("store_project", ["local", "s3"], indirect=True)

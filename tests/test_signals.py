@@ -1,7 +1,7 @@
 """Issue 12 part 4: SIGINT (Ctrl-C, sent to the whole process group as a terminal does) and SIGTERM (to apply
 alone, as CI and Kubernetes do) stop apply cleanly: exit 130/143, a message, the lock released, and the next
-apply converges. A second SIGINT stops at once and still leaves a state that converges. The same first SIGINT
-with `--executor dask`, whose LocalCluster leaves no process behind."""
+apply converges. A second SIGINT stops at once and still leaves a state that converges. The same first and second
+SIGINT with `--executor dask`, whose LocalCluster leaves no process behind."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def session_processes(sid: int) -> list[int]:
     return alive
 
 
+def wait_session_gone(sid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while session_processes(sid):
+        assert time.monotonic() < deadline, f"left behind: {session_processes(sid)}"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize(("sig", "code", "group", "executor"),
                          [(signal.SIGINT, 130, True, "loky"), (signal.SIGTERM, 143, False, "loky"),
                           (signal.SIGINT, 130, True, "dask")], ids=["SIGINT", "SIGTERM", "SIGINT-dask"])
@@ -65,33 +72,38 @@ def test_first_signal_finishes_running_steps_and_exits_cleanly(project: Project,
         done_samples = [k for k, s in state.samples.items() if s.ingest == "done"]
         assert len(done_samples) == 1, "the running step finished, and no other started"
         if executor == "dask":
-            deadline = time.monotonic() + 30
-            while session_processes(run.proc.pid):
-                assert time.monotonic() < deadline, f"left behind: {session_processes(run.proc.pid)}"
-                time.sleep(0.2)
+            wait_session_gone(run.proc.pid, 30)
         apply_ok(project)
         assert_converged(project)
     finally:
         run.kill_session()
 
 
-def test_second_sigint_stops_at_once(project: Project, tmp_path: Path) -> None:
+@pytest.mark.parametrize("executor", ["loky", "dask"])
+def test_second_sigint_stops_at_once(project: Project, tmp_path: Path, executor: str) -> None:
+    """The held step's worker goes with apply (loky's are killed; a LocalCluster's watch apply): nothing of the
+    session is left, and once the last process is gone no resource tracker has warned of a leaked semaphore
+    (apply unlinks them before it exits)."""
     pause = tmp_path / "pause"
     pause.mkdir()
     (pause / "armed").touch()
-    run = start_cli("apply", project.manifest, "--processes", "1", env={PAUSE_ENV: f"ingest_start:{pause}"})
+    run = start_cli("apply", project.manifest, "--processes", "1", "--executor", executor,
+                    env={PAUSE_ENV: f"ingest_start:{pause}"})
     try:
         wait_for(pause / "paused-*")
         os.killpg(run.proc.pid, signal.SIGINT)
         time.sleep(0.5)
         os.killpg(run.proc.pid, signal.SIGINT)
-        done = run.wait()
-        assert done.returncode == 130, done.stderr
-        assert "Stopped at once" in done.stderr
+        assert run.proc.wait(120) == 130
         assert not lock_path(project.state_path).exists()
         (pause / "armed").unlink()
-        (pause / "release").touch()  # the held step goes on: it no longer holds the lease and writes nothing
-        wait_for(pause / "resumed-*")
+        (pause / "release").touch()  # a worker still alive would go on now
+        wait_session_gone(run.proc.pid, 60)
+        stderr = run.err.read_text()  # now complete: the resource trackers were in the session too
+        assert "Stopped at once" in stderr
+        for unwanted in ("Traceback", "leaked", "resource_tracker"):
+            assert unwanted not in stderr, stderr
+        assert not list(pause.glob("resumed-*")), "the held step's worker outlived a second SIGINT"
         apply_ok(project)
         assert_converged(project)
     finally:

@@ -397,7 +397,7 @@ def _exit(code: int) -> NoReturn:
     workers as they shut down, then finalizing the storage engine's objects and modules), once everything
     is stored: the commands close their files, state and logs (and release the lock) before they return.
     Idle local workers are stopped (killed) first, else they would outlive the command."""
-    api.stop_workers()
+    api.before_exit()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

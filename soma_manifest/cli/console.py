@@ -123,8 +123,9 @@ def progress_reporter(console: Console) -> Iterator[api.Reporter]:
 def interruptible() -> Iterator[api.Interrupt]:
     """SIGINT and SIGTERM during apply. The first asks apply to stop starting steps and to finish cleanly
     (apply saves the state, the lock is released, exit 130/143). A second one stops at once: the lock is
-    released so that steps still running stop before their next write, and the process exits; the state,
-    saved after every step, is as after a kill -9 and the next apply converges from it.
+    released so that steps still running on a cluster stop before their next write, local workers are killed
+    (api.stop_at_once), and the process exits; the state, saved after every step, is as after a kill -9 and
+    the next apply converges from it.
 
     The handlers only set a flag and write with os.write. Before, SIGINT raised KeyboardInterrupt wherever
     each process was (apply and every worker: a terminal signals the whole group), and workers crashed with
@@ -142,6 +143,7 @@ def interruptible() -> Iterator[api.Interrupt]:
             return
         if interrupt.lock is not None:
             interrupt.lock.__exit__(None, None, None)
+        api.stop_at_once()
         os.write(2, b"Stopped at once. The state is saved after every step: run `soma-manifest apply` again "
                     b"to resume.\n")
         os._exit(128 + interrupt.signum)
