@@ -220,13 +220,18 @@ def plan(
 
 
 def _write_plan(text: str, path: Path) -> None:
+    _write_file(text + "\n", path, "cannot save the plan", PlanError)
+
+
+def _write_file(text: str, path: Path, what: str, error: type[SomaManifestError] = SomaManifestError) -> None:
+    """Write a file atomically; a folder that cannot be written is one located error (`what: cause`)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
-        raise PlanError(f"cannot save the plan: {exc.strerror}", where=path) from None
+        raise error(f"{what}: {exc.strerror}", where=path) from None
 
 
 def _read_saved_plan(path: Path) -> Plan | None:
@@ -407,18 +412,24 @@ def show(
     summary: bool = typer.Option(False, "--summary", help="Summarize the atlas itself (cells, genes, samples)."),
     serial: Optional[int] = typer.Option(None, "--serial", help="With --summary: the atlas as apply SERIAL left it "
                                                                  "(see `history`)."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="With --summary: the atlas as the apply tagged TAG left it."),
     no_color: NoColor = False,
 ) -> None:
     """The per-sample ledger from the state."""
     from soma_manifest import render
 
-    if serial is not None and not summary:
-        raise typer.BadParameter("--serial needs --summary (the ledger is always the current state's)",
-                                 param_hint="--serial")
+    if (serial is not None or tag is not None) and not summary:
+        raise typer.BadParameter("--serial and --tag need --summary (the ledger is always the current state's)",
+                                 param_hint="--tag" if tag is not None else "--serial")
 
     def run() -> int:
+        nonlocal serial
         the_atlas = api.load(manifest_path)
         state = the_atlas.require_state()
+        if tag is not None:
+            from soma_manifest.tags import resolve
+
+            serial = resolve(state, serial, tag)
         if as_json:
             sys.stdout.write(render.ledger_json(state) + "\n")
         else:
@@ -429,7 +440,7 @@ def show(
 
             timestamp = timestamp_of(state, serial) if serial is not None else None
             ov = atlas.overview(the_atlas.uri, timestamp)
-            when = f" as apply {serial} left it" if serial is not None else ""
+            when = f" as apply {serial}{f' ({tag})' if tag else ''} left it" if serial is not None else ""
             Output.out().print(f"\nAtlas {_escape(the_atlas.uri)}{when}: {ov.cells:,} cells x "
                                f"{ov.genes:,} genes, layers {', '.join(ov.layers)}, {len(ov.samples)} samples")
             for (study, sample), cells in sorted(ov.samples.items()) if serial is not None else ():
@@ -466,8 +477,114 @@ def history(
         for row in rows:
             status = ("kept readable" if row["kept"] else "readable until a compaction purges deletes after it") \
                 if row["readable"] else "[red]no longer readable[/] (compaction purged cells deleted after it)"
+            tags = f"  tags: {', '.join(row['tags'])}" if row["tags"] else ""
             out.print(f"serial {row['serial']}  {row['finished_at']}  {hist.describe(row['changes'])}; "
-                      f"{row['cells_total']:,} cells  tiledb_timestamp={row['timestamp_ms']}  {status}")
+                      f"{row['cells_total']:,} cells  tiledb_timestamp={row['timestamp_ms']}  {status}"
+                      f"{_escape(tags)}")
+        return 0
+
+    _guard(run)
+
+
+@app.command()
+def tag(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="The tag, e.g. v1.0 or stable."),
+    serial: Optional[int] = typer.Option(None, "--serial", help="The apply to tag (default: the last one)."),
+    delete: Optional[str] = typer.Option(None, "--delete", metavar="NAME", help="Remove this tag."),
+    list_tags: bool = typer.Option(False, "--list", help="List the tags."),
+    no_color: NoColor = False,
+) -> None:
+    """Name an apply (a release tag): it stays readable whatever compaction.keep_history says, and readers open
+    it by name (`show --tag`, `report --tag`, `diff --from`). Setting an existing tag moves it."""
+    chosen = [x for x in (name is not None, delete is not None, list_tags) if x]
+    if len(chosen) != 1:
+        raise typer.BadParameter("give one of NAME, --delete NAME or --list", param_hint="NAME")
+    if serial is not None and name is None:
+        raise typer.BadParameter("--serial goes with NAME", param_hint="--serial")
+
+    def run() -> int:
+        the_atlas = api.load(manifest_path)
+        out = Output.out()
+        if list_tags:
+            tags = the_atlas.tags()
+            if not tags:
+                out.print("No tags yet.")
+            for tag_name, tagged in tags.items():
+                out.print(f"{tag_name}  serial {tagged}", markup=False)
+            return 0
+        if delete is not None:
+            was = the_atlas.tag(delete, delete=True)
+            out.print(f"Deleted tag {delete} (it named apply {was}).", markup=False)
+            return 0
+        before = the_atlas.tags().get(name)
+        tagged = the_atlas.tag(name, serial)
+        moved = f" (moved from apply {before})" if before is not None and before != tagged else ""
+        out.print(f"Tagged apply {tagged} as {name}{moved}.", markup=False)
+        return 0
+
+    _guard(run)
+
+
+class DiffFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+@app.command()
+def diff(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    from_ref: Optional[str] = typer.Option(None, "--from", metavar="SERIAL|TAG",
+                                           help="The earlier apply (default: the one before --to)."),
+    to_ref: Optional[str] = typer.Option(None, "--to", metavar="SERIAL|TAG", help="The later apply (default: the last)."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    fmt: Optional[DiffFormat] = typer.Option(None, "--format", help="text (default), json or markdown."),
+    no_color: NoColor = False,
+) -> None:
+    """What changed between two applies: samples added, removed, replaced, updated; cells per study; genes added;
+    schema changes. Reads obs and var as each apply left them (never X)."""
+    from soma_manifest.diff import markdown
+
+    if as_json and fmt not in (None, DiffFormat.json):
+        raise typer.BadParameter("--json and --format markdown/text exclude each other", param_hint="--json")
+    chosen = DiffFormat.json if as_json else fmt or DiffFormat.text
+
+    def run() -> int:
+        result = api.load(manifest_path).diff(from_ref, to_ref)
+        # Text is the markdown itself: it reads as well in a terminal as in a pull request.
+        sys.stdout.write((result.to_json() if chosen is DiffFormat.json else markdown(result)) + "\n")
+        return 0
+
+    _guard(run)
+
+
+@app.command()
+def report(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
+    out: Path = typer.Option(Path("atlas-report.html"), "--out", help="The HTML file to write."),
+    serial: Optional[int] = typer.Option(None, "--serial", help="The atlas as apply SERIAL left it."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="The atlas as the apply tagged TAG left it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report's numbers as JSON instead."),
+    verify: bool = typer.Option(False, "--verify", help="Run verify now (it counts X entries) for the overview."),
+    no_color: NoColor = False,
+) -> None:
+    """A QC report to look at: one self-contained HTML file (opens offline) with the atlas' overview, per study
+    and per sample QC with outliers marked, and how the atlas grew. From obs, the samples table, the presence
+    matrix, the state and the history; never from X."""
+    if serial is not None and tag is not None:
+        raise typer.BadParameter("give --serial or --tag, not both", param_hint="--tag")
+
+    def run() -> int:
+        result = api.load(manifest_path).report(serial, tag, verify=verify)
+        if as_json:
+            sys.stdout.write(result.to_json() + "\n")
+            return 0
+        from soma_manifest.report_html import render
+
+        _write_file(render(result), out, "cannot write the report")
+        o = result.overview
+        Output.err().print(f"Wrote {_escape(str(out))}: {o['samples']} samples, {o['cells']:,} cells.")
         return 0
 
     _guard(run)
