@@ -203,7 +203,7 @@ def _frame(fig_id: str, title: str, rows: list[Row], row_height: int, axis: _Axi
     top, bottom = 6, 28
     height = top + row_height * max(len(rows), 1) + bottom
     out = [f"<figure id='{fig_id}' class='fig'><figcaption>{escape(title)}{note}</figcaption>",
-           f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{height}' "
+           f"<svg width='{WIDTH}' height='{height}' "
            f"viewBox='0 0 {WIDTH} {height}' role='img' aria-label='{escape(title)}'>"]
     base = top + row_height * max(len(rows), 1)
     for t, label in axis.ticks():
@@ -317,7 +317,7 @@ def _history(report: AtlasReport) -> str:
         return left + (i + 0.5) * (width - left - right) / max(len(entries), 1)
 
     out = [f"<figure id='fig-cells-over-applies' class='fig wide'><figcaption>Cells after each apply</figcaption>",
-           f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
+           f"<svg width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
            f"role='img' aria-label='Cells after each apply'>"]
     for v, label in ticks:
         out.append(f"<line class='grid' x1='{left}' x2='{width - right}' y1='{y(v):.1f}' y2='{y(v):.1f}'/>"
