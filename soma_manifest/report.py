@@ -110,18 +110,19 @@ def gather(uri: str, schema: AtlasSchema, state: State, exp: tiledbsoma.Experime
     metrics_at = {name: next((c.name for c in schema.obs if c.source == "computed" and c.computed in kinds), None)
                   for name, kinds, _, _ in _METRICS}
     columns = [c for c in metrics_at.values() if c]
-    obs = exp.obs.read(column_names=["obs_id", *columns]).concat()
     ms = exp.ms[schema.measurement]
     n_genes = ms.var.count
     layers = sorted(ms.X.keys())
     table = _samples_table(exp)
-    keys, codes = _sample_codes(obs)
+    obs, keys, codes = _cells_by_sample(exp, table, columns)
     studies = sorted({k.split("/", 1)[0] for k in keys})
     study_of = np.array([studies.index(k.split("/", 1)[0]) for k in keys], dtype=np.int64)
     cell_study = study_of[codes] if len(keys) else np.zeros(0, dtype=np.int64)
     metrics = []
     sample_summaries: list[dict[str, Summary]] = [{} for _ in keys]
     study_summaries: list[dict[str, Summary]] = [{} for _ in studies]
+    groupings = [(_Grouping(codes, len(keys)), sample_summaries, False),
+                 (_Grouping(cell_study, len(studies)), study_summaries, True)]
     for name, _, label, log in _METRICS:
         column = metrics_at[name]
         if column is None:
@@ -130,12 +131,10 @@ def gather(uri: str, schema: AtlasSchema, state: State, exp: tiledbsoma.Experime
         plotted = np.log10(np.maximum(values, 1.0)) if log else values
         edges = _edges(plotted)
         metrics.append(Metric(name, column, label, log, edges.tolist()))
-        order = np.argsort(values, kind="stable")  # once; each grouping below is a stable sort by group
-        for group, summaries, n_groups, hist in ((codes, sample_summaries, len(keys), False),
-                                                  (cell_study, study_summaries, len(studies), True)):
-            quantiles = _group_quantiles(values, order, group, n_groups)
-            counts = _group_histograms(plotted, edges, group, n_groups) if hist else None
-            for g in range(n_groups):
+        for grouping, summaries, hist in groupings:
+            quantiles = grouping.quantiles(values)
+            counts = _group_histograms(plotted, edges, grouping.group, grouping.n) if hist else None
+            for g in range(grouping.n):
                 summaries[g][name] = Summary(quantiles[g].tolist(),
                                              counts[g].tolist() if counts is not None else None)
     cells = np.bincount(codes, minlength=len(keys)) if len(keys) else np.zeros(0, dtype=np.int64)
@@ -169,19 +168,40 @@ def gather(uri: str, schema: AtlasSchema, state: State, exp: tiledbsoma.Experime
                        samples=sample_rows, history=history)
 
 
-def _sample_codes(obs: pa.Table) -> tuple[list[str], np.ndarray]:
-    """The sample keys ("<study>/<sample>", the obs_id without its barcode), sorted, and each cell's index."""
+def _cells_by_sample(exp: tiledbsoma.Experiment, table, columns: list[str]) -> tuple[pa.Table, list[str], np.ndarray]:
+    """obs' `columns`, the sample keys ("<study>/<sample>") sorted, and each cell's index into them.
+
+    A sample owns a contiguous joinid range, which the samples table records: cells are placed by their joinid
+    (no obs_id strings to read). When a cell falls outside every range (an atlas read as of an apply before
+    the samples table), the keys come from obs_id, whose prefix is the sample key.
+    """
+    if table is not None and len(table):
+        obs = exp.obs.read(column_names=["soma_joinid", *columns]).concat()
+        ranges = table.sort_values("obs_joinid_start")
+        starts, stops = ranges["obs_joinid_start"].to_numpy(), ranges["obs_joinid_stop"].to_numpy()
+        joinids = obs["soma_joinid"].to_numpy()
+        at = np.searchsorted(starts, joinids, side="right") - 1
+        if len(joinids) == 0 or (at.min() >= 0 and (joinids < stops[at]).all()):
+            found = ranges["sample_id"].astype(str).tolist()
+            keys = sorted(set(found))
+            rank = _ranks(found, keys)
+            return obs, keys, rank[at] if len(at) else np.zeros(0, dtype=np.int64)
     import pyarrow.compute as pc
 
+    obs = exp.obs.read(column_names=["obs_id", *columns]).concat()
+    if not len(obs):
+        return obs, [], np.zeros(0, dtype=np.int64)
     prefix = pc.replace_substring_regex(obs["obs_id"], pattern="/[^/]*$", replacement="")
-    encoded = pc.dictionary_encode(prefix).combine_chunks() if len(obs) else None
-    if encoded is None:
-        return [], np.zeros(0, dtype=np.int64)
+    encoded = pc.dictionary_encode(prefix).combine_chunks()
     found = encoded.dictionary.to_pylist()
-    order = np.argsort(np.array(found, dtype=object))
-    rank = np.empty(len(found), dtype=np.int64)
-    rank[order] = np.arange(len(found))
-    return sorted(found), rank[encoded.indices.to_numpy()]
+    keys = sorted(found)
+    rank = _ranks(found, keys)
+    return obs, keys, rank[encoded.indices.to_numpy()]
+
+
+def _ranks(found: list[str], keys: list[str]) -> np.ndarray:
+    index = {k: i for i, k in enumerate(keys)}
+    return np.array([index[k] for k in found], dtype=np.int64)
 
 
 def _edges(plotted: np.ndarray) -> np.ndarray:
@@ -189,24 +209,32 @@ def _edges(plotted: np.ndarray) -> np.ndarray:
     return np.linspace(low, high if high > low else low + 1.0, BINS + 1)
 
 
-def _group_quantiles(values: np.ndarray, order: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """QUANTILES of `values` within each group (linear interpolation, as np.quantile), from one value order."""
-    if not n_groups:
-        return np.zeros((0, len(QUANTILES)))
-    by_group = order[np.argsort(group[order], kind="stable")]  # grouped, values ascending inside each group
-    ranked = values[by_group]
-    sizes = np.bincount(group, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    position = starts[:, None] + np.asarray(QUANTILES)[None, :] * np.maximum(sizes - 1, 0)[:, None]
-    low = np.floor(position).astype(np.int64)
-    high = np.minimum(low + 1, starts[:, None] + np.maximum(sizes - 1, 0)[:, None])
-    if not len(ranked):
-        return np.zeros((n_groups, len(QUANTILES)))
-    low, high = np.clip(low, 0, len(ranked) - 1), np.clip(high, 0, len(ranked) - 1)
-    frac = position - np.floor(position)
-    result = ranked[low] + (ranked[high] - ranked[low]) * frac
-    result[sizes == 0] = np.nan
-    return result
+class _Grouping:
+    """Cells grouped (by sample or study), for quantiles per group: the grouping order is computed once."""
+
+    def __init__(self, group: np.ndarray, n: int) -> None:
+        self.group, self.n = group, n
+        # Cells arrive in joinid order and a sample's cells are one joinid range, so this is nearly sorted.
+        self.order = np.argsort(group, kind="stable")
+        self.sizes = np.bincount(group, minlength=n) if n else np.zeros(0, dtype=np.int64)
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    def quantiles(self, values: np.ndarray) -> np.ndarray:
+        """QUANTILES of `values` within each group (linear interpolation, as np.quantile); NaN for an empty one."""
+        ranked = values[self.order]
+        for a, b in zip(self.bounds[:-1], self.bounds[1:]):
+            ranked[a:b].sort()
+        result = np.full((self.n, len(QUANTILES)), np.nan)
+        full = self.sizes > 0
+        last = np.maximum(self.sizes - 1, 0)[:, None]
+        position = np.asarray(QUANTILES)[None, :] * last
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, last)
+        base = self.bounds[:-1, None]
+        if len(ranked):
+            lo, hi = ranked[np.minimum(base + low, len(ranked) - 1)], ranked[np.minimum(base + high, len(ranked) - 1)]
+            result[full] = (lo + (hi - lo) * (position - low))[full]
+        return result
 
 
 def _group_histograms(plotted: np.ndarray, edges: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
@@ -230,17 +258,18 @@ def _measured(exp: tiledbsoma.Experiment, schema: AtlasSchema, table, keys: list
         return {}
     entries = ms[atlas.PRESENCE].read().tables().concat()
     rows, cols = entries["soma_dim_0"].to_numpy(), entries["soma_dim_1"].to_numpy()
-    key_of = table["sample_id"]
-    study_index = {s: i for i, s in enumerate(studies)}
-    row_study = np.array([study_index.get(str(key_of.get(r, "")).split("/", 1)[0], -1) for r in
-                          range(int(rows.max()) + 1)] if len(rows) else [], dtype=np.int64)
     wanted = set(keys)
-    found = {str(key_of[j]): int(n) for j, n in table["n_measured_genes"].items() if str(key_of[j]) in wanted}
+    found = {str(k): int(n) for k, n in zip(table["sample_id"], table["n_measured_genes"]) if str(k) in wanted}
     if len(rows):
+        study_index = {s: i for i, s in enumerate(studies)}
+        row_study = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+        for joinid, key in table["sample_id"].items():
+            if joinid < len(row_study):
+                row_study[joinid] = study_index.get(str(key).split("/", 1)[0], -1)
         study = row_study[rows]
-        pairs = np.unique(study[study >= 0] * (int(cols.max()) + 1) + cols[study >= 0])
-        per_study = np.bincount(pairs // (int(cols.max()) + 1), minlength=len(studies))
-        found.update({s: int(per_study[i]) for i, s in enumerate(studies)})
+        seen = np.zeros((len(studies), int(cols.max()) + 1), dtype=bool)
+        seen[study[study >= 0], cols[study >= 0]] = True
+        found.update({s: int(n) for s, n in zip(studies, seen.sum(axis=1))})
         per_gene = np.bincount(cols)
         found[""] = int((per_gene > 0).sum())
         found["*"] = int((per_gene >= len(table)).sum())

@@ -189,7 +189,7 @@ def _nice_step(raw: float) -> float:
 def _short(v: float) -> str:
     for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= size:
-            return f"{v / size:g}{suffix}"
+            return f"{v / size:.3g}{suffix}"
     return f"{round(v, 6):g}"
 
 

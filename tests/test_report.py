@@ -86,6 +86,19 @@ def test_outliers_are_marked_by_the_stated_rules(reported: Project) -> None:
     assert set(report.rules) == {"few cells", "high mito", "unmapped"}
 
 
+def test_cells_are_placed_by_joinid_or_by_obs_id_alike(reported: Project) -> None:
+    """The samples table's joinid ranges and the obs_id prefixes (atlases read before the samples table) agree."""
+    from soma_manifest.report import _cells_by_sample, _samples_table
+
+    with api.load(reported.manifest).open() as exp:
+        by_range = _cells_by_sample(exp, _samples_table(exp), ["umi_counts"])
+        by_id = _cells_by_sample(exp, None, ["umi_counts"])
+    assert "obs_id" not in by_range[0].column_names and "obs_id" in by_id[0].column_names
+    assert by_range[1] == by_id[1] == sorted(reported.samples)
+    assert by_range[2].tolist() == by_id[2].tolist()
+    assert by_range[0]["umi_counts"].equals(by_id[0]["umi_counts"])
+
+
 def test_report_as_a_tag_left_it_and_its_cli(reported: Project, tmp_path: Path) -> None:
     then = api.load(reported.manifest).report(tag="v1")
     assert [r.key for r in then.samples] == ["study_a/s1", "study_a/s2", "study_b/s1"]
