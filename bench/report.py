@@ -9,8 +9,9 @@ with tiledbsoma in ten "applies", each with its history entry, and a state file 
 Per cell: UMIs log-normal around a per-sample level, genes per cell from the UMIs, pct_mito a few percent;
 one sample in fifty is mitochondria-heavy and one has few cells, so the outlier marks are drawn too.
 
-Printed per size: the report as the CLI makes it (a fresh process: imports, reads, HTML written), its
-in-process parts (gather, render), and the HTML's size.
+Printed per size (medians of --repeat runs): the report as the CLI makes it (a fresh process: imports, reads,
+HTML written), its in-process parts (gather: the reads and summaries; render: the HTML), the HTML's size, and
+the load other processes put on the machine just before (it waits up to two minutes for a quiet moment).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, dir_bytes, fresh_dir  # noqa: E402
+from common import REPO_ROOT, dir_bytes, fresh_dir, wait_until_idle  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
 from soma_manifest import atlas, state as st  # noqa: E402
@@ -119,27 +120,29 @@ def build(root: Path, cells: int, per_sample: int, seed: int = 0) -> Path:
     return manifest
 
 
-def measure(manifest: Path) -> dict[str, float]:
+def measure(manifest: Path, repeat: int) -> dict[str, float]:
+    """Medians of `repeat` runs: the CLI in a fresh process, then the in-process parts."""
     from soma_manifest import api
     from soma_manifest.report_html import render
 
     out = manifest.parent / "atlas-report.html"
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "soma_manifest", "report", str(manifest), "--out", str(out)],
-                            capture_output=True, text=True, env={"PYTHONPATH": str(REPO_ROOT), "NO_COLOR": "1",
-                                                                  "PATH": "/usr/bin:/bin"})
-    cli = time.perf_counter() - started
-    if result.returncode:
-        raise SystemExit(result.stderr)
-    started = time.perf_counter()
-    report = api.load(manifest).report()
-    gathered = time.perf_counter() - started
-    started = time.perf_counter()
-    html = render(report)
-    rendered = time.perf_counter() - started
-    return {"cli_s": cli, "gather_s": gathered, "render_s": rendered, "html_bytes": out.stat().st_size,
-            "html_in_process_bytes": len(html.encode()), "samples": len(report.samples),
-            "atlas_bytes": dir_bytes(manifest.parent / "atlases" / "atlas")}
+    runs: dict[str, list[float]] = {"cli_s": [], "gather_s": [], "render_s": []}
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "soma_manifest", "report", str(manifest), "--out", str(out)],
+                                capture_output=True, text=True,
+                                env={"PYTHONPATH": str(REPO_ROOT), "NO_COLOR": "1", "PATH": "/usr/bin:/bin"})
+        runs["cli_s"].append(time.perf_counter() - started)
+        if result.returncode:
+            raise SystemExit(result.stderr)
+        started = time.perf_counter()
+        report = api.load(manifest).report()
+        runs["gather_s"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        render(report)
+        runs["render_s"].append(time.perf_counter() - started)
+    return {**{k: float(np.median(v)) for k, v in runs.items()}, "html_bytes": out.stat().st_size,
+            "samples": len(report.samples), "atlas_bytes": dir_bytes(manifest.parent / "atlases" / "atlas")}
 
 
 def main() -> None:
@@ -147,16 +150,16 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--cells-per-sample", type=int, default=5_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/soma-manifest-bench-report"))
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size (medians are printed)")
     args = parser.parse_args()
-    print("| cells | samples | build s | report (CLI, fresh process) s | gather s | render s | HTML |")
+    print("| cells | samples | report (CLI, fresh process) s | gather s | render s | HTML | other load (cores) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for cells in args.cells:
-        started = time.perf_counter()
         manifest = build(args.work / f"cells-{cells}", cells, args.cells_per_sample)
-        built = time.perf_counter() - started
-        m = measure(manifest)
-        print(f"| {cells:,} | {m['samples']:,} | {built:.1f} | {m['cli_s']:.2f} | {m['gather_s']:.2f} | "
-              f"{m['render_s']:.2f} | {m['html_bytes'] / 1024:,.0f} KB |", flush=True)
+        load = wait_until_idle(120)  # other sessions share the machine: wait for a quiet moment, say how quiet
+        m = measure(manifest, args.repeat)
+        print(f"| {cells:,} | {m['samples']:,} | {m['cli_s']:.2f} | {m['gather_s']:.2f} | {m['render_s']:.2f} | "
+              f"{m['html_bytes'] / 1024:,.0f} KB | {load:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

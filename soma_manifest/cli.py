@@ -177,10 +177,17 @@ def init(
     _guard(run)
 
 
-class PlanFormat(str, Enum):
+class PlanFormat(str, Enum):  # also diff's
     text = "text"
     json = "json"
     markdown = "markdown"
+
+
+def _format(as_json: bool, fmt: PlanFormat | None) -> PlanFormat:
+    """The output format of `--json` / `--format`."""
+    if as_json and fmt not in (None, PlanFormat.json):
+        raise typer.BadParameter("--json and --format markdown/text exclude each other", param_hint="--json")
+    return PlanFormat.json if as_json else fmt or PlanFormat.text
 
 
 @app.command()
@@ -197,9 +204,7 @@ def plan(
     """Show what apply would do to each sample, and why. Writes nothing (but --out)."""
     from soma_manifest import render
 
-    if as_json and fmt not in (None, PlanFormat.json):
-        raise typer.BadParameter("--json and --format markdown/text exclude each other", param_hint="--json")
-    chosen = PlanFormat.json if as_json else fmt or PlanFormat.text
+    chosen = _format(as_json, fmt)
 
     def run() -> int:
         atlas = api.load(manifest_path)
@@ -526,12 +531,6 @@ def tag(
     _guard(run)
 
 
-class DiffFormat(str, Enum):
-    text = "text"
-    json = "json"
-    markdown = "markdown"
-
-
 @app.command()
 def diff(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
@@ -539,21 +538,19 @@ def diff(
                                            help="The earlier apply (default: the one before --to)."),
     to_ref: Optional[str] = typer.Option(None, "--to", metavar="SERIAL|TAG", help="The later apply (default: the last)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
-    fmt: Optional[DiffFormat] = typer.Option(None, "--format", help="text (default), json or markdown."),
+    fmt: Optional[PlanFormat] = typer.Option(None, "--format", help="text (default), json or markdown."),
     no_color: NoColor = False,
 ) -> None:
     """What changed between two applies: samples added, removed, replaced, updated; cells per study; genes added;
     schema changes. Reads obs and var as each apply left them (never X)."""
     from soma_manifest.diff import markdown
 
-    if as_json and fmt not in (None, DiffFormat.json):
-        raise typer.BadParameter("--json and --format markdown/text exclude each other", param_hint="--json")
-    chosen = DiffFormat.json if as_json else fmt or DiffFormat.text
+    chosen = _format(as_json, fmt)
 
     def run() -> int:
         result = api.load(manifest_path).diff(from_ref, to_ref)
         # Text is the markdown itself: it reads as well in a terminal as in a pull request.
-        sys.stdout.write((result.to_json() if chosen is DiffFormat.json else markdown(result)) + "\n")
+        sys.stdout.write((result.to_json() if chosen is PlanFormat.json else markdown(result)) + "\n")
         return 0
 
     _guard(run)

@@ -352,7 +352,8 @@ h1{font-size:22px;margin:0 0 2px}h2{font-size:18px;margin:28px 0 8px;border-bott
 .card .v{font-size:16px;font-weight:600}
 .legend span{margin-right:14px;white-space:nowrap}.legend i{display:inline-block;width:11px;height:11px;
 margin-right:5px;border-radius:2px;vertical-align:-1px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(770px,1fr));gap:10px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:10px}
+.fig svg{width:100%;height:auto;max-width:980px}.fig.wide svg{max-width:760px}
 .fig{margin:0;border:1px solid #eee;border-radius:6px;padding:6px}figcaption{font-weight:600;margin:0 0 4px}
 svg text{font:11px system-ui,sans-serif;fill:#333}svg .tick{text-anchor:middle;fill:#666}
 svg .label{text-anchor:end}svg .val{fill:#555;font-size:10px}svg .tag{text-anchor:middle;font-weight:700;fill:#8e44ad}

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import DATA, DEFAULT_SCHEMA, Project, apply_ok, invoke_cli, make_sample, read_state, set_cell_type
+from conftest import DATA, DEFAULT_SCHEMA, Project, apply_ok, invoke_cli, read_state
 from soma_manifest import api
+from test_compact import change_everything
+from test_report import applied_once
 
 GOLDEN = DATA / "golden"
 
@@ -20,19 +20,8 @@ GOLDEN = DATA / "golden"
 def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Project, list[int]]:
     """Three applies, tagged v1, v2, v3: three samples; then one added, one replaced, one updated and one
     removed; then a schema conversion change (a new obs default) that replaces every sample."""
-    p = Project(tmp_path_factory.mktemp("diff"))
-    p.add_mtx("study_a", "s1", make_sample(40, 30, seed=1))
-    p.add_mtx("study_a", "s2", make_sample(35, 30, seed=2, gene_offset=10))
-    p.add_mtx("study_b", "s1", make_sample(30, 25, seed=3, gene_offset=5))
-    p.write_manifest()
-    apply_ok(p)
-    p.add_mtx("study_a", "s1", make_sample(45, 30, seed=11))
-    shutil.rmtree(p.raw / "study_a" / "mtx" / "s2")
-    del p.samples["study_a/s2"]
-    p.write_study_metadata("study_a")
-    p.add_mtx("study_c", "s1", make_sample(20, 20, seed=13, gene_offset=60))
-    set_cell_type(p, "study_b/s1", "NK cell")
-    p.write_manifest()
+    p = applied_once(tmp_path_factory.mktemp("diff"))
+    change_everything(p)  # study_a/s1 replaced, study_a/s2 removed, study_b/s1 re-annotated, study_b/s2 added
     apply_ok(p, "--allow-delete")
     schema = p.root / "schema.yaml"
     schema.write_text(DEFAULT_SCHEMA.read_text().replace(
@@ -62,15 +51,15 @@ def test_add_replace_update_remove(history: tuple[Project, list[int]]) -> None:
     p, (first, second, _) = history
     d = _diff(p, "--from", "v1", "--to", "v2")
     assert (d["before"]["serial"], d["after"]["serial"]) == (first, second)
-    assert _changes(d) == {"study_c/s1": "added", "study_a/s2": "removed", "study_a/s1": "replaced",
+    assert _changes(d) == {"study_b/s2": "added", "study_a/s2": "removed", "study_a/s1": "replaced",
                            "study_b/s1": "updated"}
     assert [(s["key"], s["cells_before"], s["cells_after"]) for s in d["samples"]] == [
-        ("study_c/s1", None, 20), ("study_a/s2", 35, None), ("study_a/s1", 40, 45), ("study_b/s1", 30, 30)]
+        ("study_b/s2", None, 25), ("study_a/s2", 35, None), ("study_a/s1", 40, 45), ("study_b/s1", 30, 30)]
     assert [(s["study"], s["cells_before"], s["cells_after"]) for s in d["studies"]] == [
-        ("study_a", 75, 45), ("study_b", 30, 30), ("study_c", 0, 20)]
+        ("study_a", 75, 45), ("study_b", 30, 55)]
     assert d["summary"] == {"added": 1, "removed": 1, "replaced": 1, "updated": 1, "cells_before": 105,
-                            "cells_after": 95, "genes_before": 40, "genes_after": 60, "genes_added": 20}
-    assert d["genes_added"] == [f"ENSG{60 + i:011d}" for i in range(20)]
+                            "cells_after": 100, "genes_before": 40, "genes_after": 60, "genes_added": 20}
+    assert d["genes_added"] == [f"ENSG{40 + i:011d}" for i in range(20)]
     assert d["schema"] == []
     assert _diff(p, "--from", str(first), "--to", str(second)) == d
 
@@ -79,15 +68,15 @@ def test_schema_change_replaces_every_sample(history: tuple[Project, list[int]])
     p, (first, second, third) = history
     d = _diff(p)  # default: the last two applies
     assert (d["before"]["serial"], d["after"]["serial"]) == (second, third)
-    assert _changes(d) == {"study_a/s1": "replaced", "study_b/s1": "replaced", "study_c/s1": "replaced"}
-    assert d["summary"]["cells_before"] == d["summary"]["cells_after"] == 95 and d["genes_added"] == []
+    assert _changes(d) == {"study_a/s1": "replaced", "study_b/s1": "replaced", "study_b/s2": "replaced"}
+    assert d["summary"]["cells_before"] == d["summary"]["cells_after"] == 100 and d["genes_added"] == []
     assert [c["serial"] for c in d["schema"]] == [third] and "conversion changed" in d["schema"][0]["text"]
     across = _diff(p, "--from", "v1")  # to the last apply: the update of v2 was replaced by v3
-    assert _changes(across) == {"study_c/s1": "added", "study_a/s2": "removed", "study_a/s1": "replaced",
+    assert _changes(across) == {"study_b/s2": "added", "study_a/s2": "removed", "study_a/s1": "replaced",
                                 "study_b/s1": "replaced"}
     assert [c["serial"] for c in across["schema"]] == [third]
     backwards = _diff(p, "--from", "v2", "--to", "v1")
-    assert _changes(backwards) == {"study_a/s2": "added", "study_c/s1": "removed", "study_a/s1": "replaced",
+    assert _changes(backwards) == {"study_a/s2": "added", "study_b/s2": "removed", "study_a/s1": "replaced",
                                    "study_b/s1": "updated"}
 
 

@@ -25,15 +25,21 @@ def _mito_heavy() -> SampleData:
     return data
 
 
-@pytest.fixture(scope="module")
-def reported(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    """Two applies: three ordinary samples (tagged v1), then a tiny one and a mitochondria-heavy one."""
-    p = Project(tmp_path_factory.mktemp("report"))
+def applied_once(root: Path) -> Project:
+    """conftest's `applied` project, for module-scoped fixtures: three samples in two studies, applied."""
+    p = Project(root)
     p.add_mtx("study_a", "s1", make_sample(40, 30, seed=1))
     p.add_mtx("study_a", "s2", make_sample(35, 30, seed=2, gene_offset=10))
     p.add_mtx("study_b", "s1", make_sample(30, 25, seed=3, gene_offset=5))
     p.write_manifest()
     apply_ok(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """Two applies: three ordinary samples (tagged v1), then a tiny one and a mitochondria-heavy one."""
+    p = applied_once(tmp_path_factory.mktemp("report"))
     assert invoke_cli("tag", p.manifest, "v1").returncode == 0
     p.add_mtx("study_b", "tiny", make_sample(4, 25, seed=4, gene_offset=5))
     p.add_mtx("study_b", "mito", _mito_heavy())
