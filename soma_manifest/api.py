@@ -269,8 +269,8 @@ class Atlas:
 
     def report(self, serial: int | None = None, tag: str | None = None, *, verify: bool = False) -> AtlasReport:
         """The QC report's numbers (obs, samples table, presence matrix, state and history; never X), as the
-        atlas is now or as apply `serial` / tag `tag` left it. verify: also run `verify()` now (it counts X
-        entries); else the report gives the check the last apply made of what it wrote.
+        atlas is now or as apply `serial` / tag `tag` left it. verify: also run `verify()` (it counts X
+        entries; the atlas now only); else the report gives the check the last apply read made of what it wrote.
         Render with `soma_manifest.report_html.render(report)` or `report.to_json()`."""
         from soma_manifest.report import gather
 

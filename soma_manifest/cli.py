@@ -536,7 +536,8 @@ def diff(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST"),
     from_ref: Optional[str] = typer.Option(None, "--from", metavar="SERIAL|TAG",
                                            help="The earlier apply (default: the one before --to)."),
-    to_ref: Optional[str] = typer.Option(None, "--to", metavar="SERIAL|TAG", help="The later apply (default: the last)."),
+    to_ref: Optional[str] = typer.Option(None, "--to", metavar="SERIAL|TAG",
+                                         help="The later apply (default: the last)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: Optional[PlanFormat] = typer.Option(None, "--format", help="text (default), json or markdown."),
     no_color: NoColor = False,
@@ -571,6 +572,9 @@ def report(
     matrix, the state and the history; never from X."""
     if serial is not None and tag is not None:
         raise typer.BadParameter("give --serial or --tag, not both", param_hint="--tag")
+    if verify and (serial is not None or tag is not None):
+        raise typer.BadParameter("--verify checks the atlas as it is now, not with --serial or --tag",
+                                 param_hint="--verify")
 
     def run() -> int:
         result = api.load(manifest_path).report(serial, tag, verify=verify)

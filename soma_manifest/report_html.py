@@ -86,8 +86,10 @@ def _overview(report: AtlasReport) -> str:
     if verify["passed"] is None:
         checked = "not recorded"
     else:
-        checked = ("passed" if verify["passed"] else f"failed ({len(verify['problems'])} problem(s))") + (
-            " (run now)" if verify["ran"] == "now" else f" (the check {verify['ran']} made of what it wrote)")
+        now = verify["ran"] == "now"
+        checked = ("passed" if verify["passed"] else "failed" + (f" ({len(verify['problems'])} shown below)"
+                                                                  if now else "")) + (
+            " (run now)" if now else f" (the check {verify['ran']} made of what it wrote)")
     cards = [("studies", _fmt(o["studies"])), ("samples", _fmt(o["samples"])), ("cells", _fmt(o["cells"])),
              ("genes (var rows)", _fmt(o["genes"])),
              ("genes measured", f"{_fmt(o['genes_measured_by_any'])} by any sample, "
@@ -130,8 +132,8 @@ def _table(name: str, rows: list[Row], report: AtlasReport, *, study_level: bool
         values = {"cells": r.cells, "umis": r.median("umis"), "genes": r.median("genes"),
                   "pct_mito": r.median("pct_mito"), "mapped": m.get("mapped"), "dropped": m.get("dropped"),
                   "summed": m.get("summed"), "measured": r.genes_measured}
-        cells = [f"<td>{escape(r.key)}</td>",
-                 f"<td class='n' data-v='{r.samples}'>{r.samples}</td>" if study_level else f"<td>{escape(r.study)}</td>"]
+        second = f"<td class='n' data-v='{r.samples}'>{r.samples}</td>" if study_level else f"<td>{escape(r.study)}</td>"
+        cells = [f"<td>{escape(r.key)}</td>", second]
         for key, _ in _COLUMNS:
             v = values[key]
             sort = "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
@@ -361,7 +363,8 @@ svg .grid{stroke:#eee}svg .axis{stroke:#999}svg .violin{fill-opacity:.45;stroke:
 svg .line{fill:none;stroke:#4e79a7;stroke-width:2}svg circle{fill:#4e79a7}
 .flag{color:#c0392b;fill:#c0392b}
 table{border-collapse:collapse;margin:10px 0;font-size:13px}
-th,td{border-bottom:1px solid #eee;padding:3px 8px;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th,td{border-bottom:1px solid #eee;padding:3px 8px;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
 th{cursor:pointer;background:#f6f6f6;position:sticky;top:0;user-select:none}th:after{content:' ⇅';color:#aaa}
 tr.flagged td{background:#fdf0ee}.rules{font-size:13px}.bad{color:#c0392b}
 """

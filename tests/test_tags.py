@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import scipy.sparse as sp
 
 from conftest import Project, apply_ok, invoke_cli, make_sample, read_state, run_cli
