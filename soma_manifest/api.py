@@ -30,12 +30,14 @@ if TYPE_CHECKING:
     from soma_manifest.executors import ExecutorConfig
     from soma_manifest.init import InitResult
     from soma_manifest.lock import Holder
+    from soma_manifest.diff import AtlasDiff
+    from soma_manifest.report import AtlasReport
 
 # Also re-exported for callers (the CLI imports nothing else of the package but render and errors):
 # Interrupt, manifest_json_schema, and the types the operations take and return.
 __all__ = ["ApplyReport", "Atlas", "AtlasSchema", "AtlasSummary", "CompactionReport", "Interrupt", "Plan",
            "Reporter", "dedicate_process", "init", "load", "load_target", "manifest_json_schema", "read_plan",
-           "save_plan", "stop_workers", "unlock"]
+           "save_plan", "stop_workers", "unlock", "before_exit", "stop_at_once"]
 
 
 def load(path: str | os.PathLike[str]) -> Atlas:
@@ -134,6 +136,7 @@ class AtlasSummary:
     genes: int
     layers: tuple[str, ...]
     samples: dict[tuple[str, str], int]  # (study, sample) -> cells, from the obs ids
+    tag: str | None = None  # the release tag it was asked by
 
 
 @dataclass(frozen=True)
@@ -305,13 +308,19 @@ class Atlas:
             table[column] = table[column].astype("Int64")
         return table.set_index("key").rename_axis("sample_key")
 
-    def open(self, serial: int | None = None) -> tiledbsoma.Experiment:
+    def open(self, serial: int | None = None, tag: str | None = None) -> tiledbsoma.Experiment:
         """The atlas as a read-only tiledbsoma.Experiment: `with atlas.open() as exp: ...`.
 
         serial: read the atlas exactly as apply `serial` left it (see `history()`); StateError when that
-        apply is unknown or a compaction made it unreadable.
+        apply is unknown or a compaction made it unreadable. tag: the apply a release tag names (see `tag`).
         """
-        return self._experiment(serial)
+        return self._experiment(self._serial(serial, tag))
+
+    def _serial(self, serial: int | None, tag: str | None) -> int | None:
+        """The serial to read, from a serial or a tag (None: now)."""
+        from soma_manifest.tags import resolve
+
+        return resolve(self.require_state(), serial, tag) if tag is not None else serial
 
     def _experiment(self, serial: int | None = None) -> tiledbsoma.Experiment:
         # The one place that opens the experiment for reading: now, or as of an earlier apply.
@@ -321,26 +330,85 @@ class Atlas:
         timestamp = timestamp_of(self.require_state(), serial) if serial is not None else None
         return open_experiment(self.uri, timestamp)
 
-    def summary(self, serial: int | None = None) -> AtlasSummary:
-        """Cells, genes, layers and cells per sample of the atlas; serial: as apply `serial` left it (see
+    def summary(self, serial: int | None = None, *, tag: str | None = None) -> AtlasSummary:
+        """Cells, genes, layers and cells per sample of the atlas; serial or tag: as that apply left it (see
         `history()`; StateError when that apply is unknown or a compaction made it unreadable)."""
         from soma_manifest.atlas import overview
         from soma_manifest.history import timestamp_of
 
+        serial = self._serial(serial, tag)
         timestamp = timestamp_of(self.require_state(), serial) if serial is not None else None
         found = overview(self.uri, timestamp)
         return AtlasSummary(self.uri, serial, timestamp, found.cells, found.genes, tuple(found.layers),
-                            dict(found.samples))
+                            dict(found.samples), tag)
+
+    # --- release tags, report and diff ------------------------------------------------------------
+
+    def tags(self) -> dict[str, int]:
+        """The release tags: name -> the serial of the apply it names (see `history()`)."""
+        return dict(sorted(self.require_state().tags.items()))
+
+    def tag(self, name: str, serial: int | None = None, *, delete: bool = False) -> int:
+        """Name apply `serial` (default: the last apply) `name`, under the atlas lock; an existing tag moves.
+        A tagged apply stays readable whatever compaction.keep_history says. delete: remove the tag instead.
+        Returns the serial tagged (or that the deleted tag named). StateError for an unknown serial or tag, an
+        invalid name, or an apply a compaction already made unreadable."""
+        from soma_manifest import tags
+        from soma_manifest.lock import AtlasLock, lock_path
+
+        tags.check_name(name)
+        self.require_state()
+        with AtlasLock(lock_path(self.manifest.state_path)):
+            if delete:
+                return tags.delete_tag(self.manifest, name)
+            return tags.set_tag(self.manifest, name, serial)[0]
+
+    def report(self, serial: int | None = None, tag: str | None = None, *, verify: bool = False) -> AtlasReport:
+        """The QC report's numbers (obs, samples table, presence matrix, state and history; never X), as the
+        atlas is now or as apply `serial` / tag `tag` left it. verify: also run `verify()` (it counts X
+        entries; the atlas now only); else the report gives the check the last apply read made of what it wrote.
+        Render with `soma_manifest.report_html.render(report)` or `report.to_json()`."""
+        from soma_manifest.report import gather
+
+        state = self.require_state()
+        serial = self._serial(serial, tag)
+        problems = self.verify() if verify and serial is None else None
+        with self._experiment(serial) as exp:
+            return gather(self.uri, self.schema, state, exp, serial=serial, tag=tag, verify_problems=problems,
+                          keep=self.manifest.spec.compaction.keep_history)
+
+    def write_report(self, out: str | os.PathLike[str], serial: int | None = None, tag: str | None = None, *,
+                     verify: bool = False) -> tuple[AtlasReport, str]:
+        """`report(...)` rendered as one self-contained HTML page and stored at `out` (a path, relative to the
+        current folder, or an s3:// URI) in one atomic write. Returns the report and where it went."""
+        from soma_manifest import storage
+        from soma_manifest.report_html import render
+
+        result = self.report(serial, tag, verify=verify)
+        where = storage.resolve(os.fspath(out), os.getcwd())
+        storage.write_atomic(where, render(result).encode("utf-8"))
+        return result, str(where)
+
+    def diff(self, from_ref: str | int | None = None, to_ref: str | int | None = None) -> AtlasDiff:
+        """What changed between two applies, given as serials or tags (default: the last two applies):
+        samples added, removed, replaced and updated, cells per study before and after, genes added, schema
+        changes. Render with `soma_manifest.diff.markdown(d)` or `d.to_json()`."""
+        from soma_manifest.diff import compare
+
+        return compare(self.uri, self.require_state(), from_ref, to_ref)
 
     def history(self) -> list[dict]:
         """The applies that changed the atlas, oldest first: each history entry of the state, plus `readable`
-        (can still be opened with `open(serial=...)`) and `kept` (retained by compaction.keep_history)."""
+        (can still be opened with `open(serial=...)`), `kept` (retained by compaction.keep_history or a tag)
+        and `tags` (its release tags)."""
         from soma_manifest import history as hist
+        from soma_manifest.tags import tagged
 
         state = self.require_state()
         kept = hist.kept_serials(state, self.manifest.spec.compaction.keep_history)
-        return [{**e.model_dump(), "readable": hist.is_readable(state, e), "kept": e.serial in kept}
-                for e in state.history]
+        names = tagged(state)
+        return [{**e.model_dump(), "readable": hist.is_readable(state, e), "kept": e.serial in kept,
+                 "tags": names.get(e.serial, [])} for e in state.history]
 
     def compact(self) -> CompactionReport | None:
         """Consolidate and vacuum every array of the atlas under the lock; None when there is no atlas yet.
@@ -358,13 +426,15 @@ class Atlas:
 
     def to_anndata(self, samples: Sequence[str] | None = None, genes: Sequence[str] | None = None,
                    layer: str = "raw", obs_columns: Sequence[str] | None = None,
-                   obs_filter: str | None = None, serial: int | None = None) -> anndata.AnnData:
+                   obs_filter: str | None = None, serial: int | None = None,
+                   tag: str | None = None) -> anndata.AnnData:
         """Cells of the atlas as AnnData: obs indexed by obs_id, var by var_id, X from `layer`.
 
         samples: "<study>/<sample>" keys (default: all cells). genes: var ids or symbols; a symbol selects
         every var row that carries it (default: all genes). obs_columns: obs columns to read (default all).
         obs_filter: a tiledbsoma value filter on obs, e.g. "cell_type == 'T cell'". An unknown sample, gene,
-        layer or column raises AtlasError. serial: read the atlas as apply `serial` left it (see `open`).
+        layer or column raises AtlasError. serial: read the atlas as apply `serial` left it (see `open`);
+        tag: as the apply that release tag names.
         """
         import tiledbsoma as soma
 
@@ -379,6 +449,7 @@ class Atlas:
             if unknown:
                 raise AtlasError(f"no obs column {', '.join(map(repr, unknown))}", where=self.uri)
             obs_columns = ["obs_id", *(c for c in obs_columns if c != "obs_id")]
+        serial = self._serial(serial, tag)
         with self._experiment(serial) as exp:
             obs_coords = None if samples is None else (
                 self._obs_joinids(samples) if serial is None else _obs_joinids_as_read(exp, samples))

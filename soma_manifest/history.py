@@ -42,7 +42,8 @@ def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyRepo
         started_at=started.isoformat(timespec="seconds"), finished_at=finished.isoformat(timespec="seconds"),
         timestamp_ms=timestamp_ms, changes=changes, cells_added=cells_added, cells_deleted=cells_deleted,
         cells_total=sum(s.atlas_cells or 0 for s in state.samples.values() if s.ingest == "done"),
-        manifest_digest=manifest.digest, tool_version=__version__)
+        manifest_digest=manifest.digest, tool_version=__version__, schema_conversion=plan.schema_conversion,
+        verified=not report.verify_problems)
     state.history.append(entry)
     save_state(state, manifest.state_path)
     return entry
@@ -64,8 +65,9 @@ def _cells_deleted(action: Action) -> int:
 
 
 def kept_serials(state: State, keep: KeepHistory) -> set[int]:
-    """The applies the retention setting keeps readable: the last `applies` ones and those of the last `days`."""
+    """The applies kept readable: the last `applies` ones, those of the last `days`, and every tagged one."""
     kept = {e.serial for e in state.history[-keep.applies:]} if keep.applies else set()
+    kept |= set(state.tags.values())
     if keep.days:
         since = (datetime.now(timezone.utc) - timedelta(days=keep.days)).isoformat(timespec="seconds")
         kept |= {e.serial for e in state.history if e.finished_at >= since}

@@ -18,7 +18,9 @@ from soma_manifest import storage
 from soma_manifest.errors import StateError
 from soma_manifest.storage import Location
 
-FORMAT_VERSION = 1
+# 2: release tags (`tags`). A version-1 tool would ignore them and compact tagged applies away, so it refuses
+# version 2; this tool reads version 1 as it is and writes version 2.
+FORMAT_VERSION = 2
 IngestStatus = Literal["none", "allocated", "done"]
 
 
@@ -161,6 +163,8 @@ class HistoryEntry(_Model):
     cells_total: int = 0
     manifest_digest: str = ""
     tool_version: str = ""
+    schema_conversion: str = ""  # the schema's conversion fingerprint the apply ran with ("" before it was recorded)
+    verified: bool | None = None  # the apply's own check of the ranges it wrote passed (None: not recorded)
 
 
 class CompactionState(_Model):
@@ -187,6 +191,7 @@ class State(_Model):
     studies: dict[str, StudyCache] = Field(default_factory=dict)
     history: list[HistoryEntry] = Field(default_factory=list)  # states written before history load with none
     compaction: CompactionState = Field(default_factory=CompactionState)
+    tags: dict[str, int] = Field(default_factory=dict)  # release tag -> history serial; kept readable (tags.py)
 
     def allocate(self, n: int) -> tuple[int, int]:
         """A fresh joinid range; ranges are never reused, so a crash cannot mix two samples."""
@@ -264,4 +269,5 @@ def load_state(path: Location) -> State | None:
 def save_state(state: State, path: Location) -> None:
     """Atomically replace the state file, keeping the previous one as a backup; bumps the serial."""
     state.serial += 1
+    state.format_version = FORMAT_VERSION
     storage.write_atomic(Location(path), state.model_dump_json(indent=1).encode(), backup=backup_path(Location(path)))

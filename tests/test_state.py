@@ -49,7 +49,7 @@ def _invalid(text: str) -> str:
     (lambda t: "\x00\x13garbage" + t, "state file is corrupt or truncated (line 1", "the previous version is at"),
     (lambda t: "[]", "not a soma-manifest state file (no format_version)", "the previous version is at"),
     (_invalid, "state file is invalid at next_joinid: Input should be a valid integer", "the previous version is at"),
-    (_newer, "state format version 99 is newer than this soma-manifest understands (1)",
+    (_newer, "state format version 99 is newer than this soma-manifest understands (2)",
      "upgrade soma-manifest; the file was left as it is"),
 ], ids=["truncated", "corrupt", "not a state file", "invalid field", "newer version"])
 def test_damaged_state_is_refused_and_left_as_it_is(applied: Project, damage, message: str, hint: str) -> None:
