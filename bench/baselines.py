@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FlowResult, Stopwatch, dir_bytes, fresh_dir, peak_rss_bytes, process_pool  # noqa: E402
 
 # The floors write X as soma-manifest does: without TileDB's write-time order, duplicate and domain checks.
-from soma_manifest.storage import TRUSTED_ORDER  # noqa: E402
+from soma_manifest.atlas import TRUSTED_ORDER  # noqa: E402
 
 MEASUREMENT = "RNA"
 X_LAYER = "raw"

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 
 from soma_manifest.atlas.chunks import read_chunk, row_chunks
-from soma_manifest.storage import TRUSTED_ORDER
+from soma_manifest.atlas import TRUSTED_ORDER
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK_NNZ = 5_000_000

@@ -88,7 +88,7 @@ def _raw_on_disk(job: ConvertJob) -> Iterator[ConvertJob]:
     Errors about the copies name the s3:// originals.
     """
     root = Location(job.raw_root)
-    if not root.is_remote:
+    if storage.store_for(root).local_paths:
         yield job
         return
     scratch = tempfile.mkdtemp(prefix="soma-manifest-raw-")

@@ -18,7 +18,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from soma_manifest import storage
+from soma_manifest import atlas
 from soma_manifest.state import State, load_state
 
 # the moto S3 server fixture; the `dask_cluster` fixture: a real scheduler and two workers on 127.0.0.1
@@ -217,7 +217,7 @@ def assert_atlas_holds(uri: Path, samples: dict[str, SampleData], cell_types: di
     import tiledbsoma as soma
 
     cell_types = cell_types or {}
-    with soma.Experiment.open(str(uri), context=storage.tiledb_context()) as exp:
+    with soma.Experiment.open(str(uri), context=atlas.context()) as exp:
         obs = exp.obs.read(column_names=["soma_joinid", "obs_id"]).concat().to_pandas()
         assert obs["obs_id"].is_unique, "an obs id appears twice"
         assert len(obs) == sum(d.counts.shape[0] for d in samples.values()), "cells missing or extra"
@@ -246,7 +246,7 @@ def assert_converged(project: Project, cell_types: dict[str, str] | None = None)
     result = invoke_cli("plan", "--detailed-exitcode", project.manifest)
     assert result.returncode == 0, result.stdout + result.stderr
     # The real entry point, in a process of its own, as users and CI run it. (It was moved here when
-    # in-process verifies crashed the test process; the cause was TileDB's, see storage.READER_SETTINGS.)
+    # in-process verifies crashed the test process; the cause was TileDB's, see atlas.READER_SETTINGS.)
     result = run_cli("verify", "--deep", project.manifest)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_atlas_holds(project.atlas_uri, project.samples, cell_types)

@@ -6,12 +6,12 @@ import numpy as np
 import scipy.sparse as sp
 import tiledbsoma
 
-from soma_manifest import storage
+from soma_manifest import atlas
 
 
 def read_sample_as_user(uri, study: str, sample: str, layer: str = "raw"):
     """The sample's cells via tiledbsoma's query API, as a user reads them."""
-    with tiledbsoma.Experiment.open(str(uri), context=storage.tiledb_context()) as exp:
+    with tiledbsoma.Experiment.open(str(uri), context=atlas.context()) as exp:
         query = exp.axis_query(
             "RNA", obs_query=tiledbsoma.AxisQuery(value_filter=f"study_name == '{study}' and sample_name == '{sample}'"))
         return query.to_anndata(X_name=layer)

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 from loky import get_reusable_executor
 
-from soma_manifest import atlas, storage
+from soma_manifest import atlas
 from soma_manifest.atlas import checks, clock
 from soma_manifest.errors import AtlasError, SourceError
 from soma_manifest.schema import AtlasSchema, load_schema
@@ -280,7 +280,7 @@ def test_ingest_refuses_too_small_domains_before_writing(tmp_path: Path, uri: st
                                                   ("negative", "outside its 30 genes")])
 def test_ingest_refuses_an_x_tiledb_would_not_check(tmp_path: Path, layouts: AtlasSchema, damage: str,
                                                     message: str) -> None:
-    """X is written without TileDB's order, duplicate and domain checks (storage.TRUSTED_ORDER), so ingest
+    """X is written without TileDB's order, duplicate and domain checks (atlas.TRUSTED_ORDER), so ingest
     checks each chunk itself: a damaged h5ad is refused, naming it, before any X entry is written."""
     schema, uri = layouts, str(tmp_path / "atlas")
     atlas.create_atlas(uri, schema, "test-lineage")
@@ -313,6 +313,6 @@ def test_ingest_sorts_a_cell_whose_genes_are_out_of_order(tmp_path: Path, layout
 
 def test_every_tiledb_context_of_the_tool_turns_off_the_crashing_tile_merge() -> None:
     """TileDB 2.30's sparse global-order reader crashed in its tile-merge preprocessing (see
-    storage.READER_SETTINGS); every context the tool opens arrays with turns it off."""
-    config = storage.tiledb_context().native_context.config()
+    atlas.READER_SETTINGS); every context the tool opens arrays with turns it off."""
+    config = atlas.context().native_context.config()
     assert config["sm.query.sparse_global_order.preprocess_tile_merge"] == "0"

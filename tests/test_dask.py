@@ -35,7 +35,7 @@ from conftest import (
 from daskcluster import DaskCluster, free_port
 from roundtrip import assert_counts_equal, read_sample_as_user
 from s3server import CREDENTIALS, S3Server
-from soma_manifest import storage
+from soma_manifest import atlas
 from soma_manifest.faults import ENV as CRASH_AT
 from soma_manifest.faults import PAUSE_ENV
 from soma_manifest.lock import lock_path
@@ -89,7 +89,7 @@ def add_h5ad_and_10x_h5(project: Project) -> SampleData:
 
 def atlas_by_obs_id(uri: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """obs (indexed by obs_id) and the counts as (obs_id, var_id, value), independent of joinid order."""
-    with tiledbsoma.Experiment.open(str(uri), context=storage.tiledb_context()) as exp:
+    with tiledbsoma.Experiment.open(str(uri), context=atlas.context()) as exp:
         obs = exp.obs.read().concat().to_pandas()
         var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
         x = exp.ms["RNA"].X["raw"].read().tables().concat().to_pandas()

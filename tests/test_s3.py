@@ -407,16 +407,17 @@ def test_bad_s3_inputs_fail_clearly_and_write_nothing(s3_project: S3Project, s3_
 
 
 def _open_atlas_via_tiledb(p: S3Project, endpoints: tuple[str, ...], outcome: dict) -> None:
-    """TileDB's own timeouts (storage.tiledb_config): opening the atlas fails, per endpoint its seconds."""
+    """TileDB's own timeouts (storage.tiledb_vfs_config, in every atlas.context()): opening the atlas fails, per
+    endpoint its seconds."""
     import tiledbsoma
 
-    from soma_manifest import storage
+    from soma_manifest import atlas, storage
 
     for endpoint in endpoints:
         storage.configure(storage.StoreSettings(endpoint, "us-east-1"))
         started = time.monotonic()
         try:
-            tiledbsoma.Experiment.open(f"s3://{p.bucket}/atlases/atlas", context=storage.tiledb_context())
+            tiledbsoma.Experiment.open(f"s3://{p.bucket}/atlases/atlas", context=atlas.context())
             outcome[endpoint] = AssertionError("TileDB opened an atlas at a black hole")
         except tiledbsoma.SOMAError as exc:
             outcome[endpoint] = time.monotonic() - started if "Timeout was reached" in str(exc) else exc

@@ -32,7 +32,7 @@ class RunLog:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.path = manifest.logs / f"apply-{stamp}-{os.getpid()}.log"
         report.log_file = str(self.path)
-        self.staged = tempfile.NamedTemporaryFile(suffix=".log", delete=False).name if self.path.is_remote else None
+        self.staged = tempfile.NamedTemporaryFile(suffix=".log", delete=False).name if not storage.store_for(self.path).appends else None
         storage.mkdir(manifest.logs)
         with storage.guard("open the log file", self.path):
             self.handler = logging.FileHandler(self.staged or self.path)

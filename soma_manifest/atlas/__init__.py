@@ -16,6 +16,7 @@ The names below are the package's interface: `from soma_manifest import atlas; a
 
 from soma_manifest.atlas.checks import RangeStats, count_x_outside, obs_joinids_outside, range_stats, x_columns
 from soma_manifest.atlas.clock import settled_timestamp
+from soma_manifest.atlas.engine import READER_SETTINGS, TRUSTED_ORDER, context
 from soma_manifest.atlas.domains import Room, extend_var, read_var_ids, resize_obs, resize_samples, room
 from soma_manifest.atlas.edit import delete_obs_range, update_obs
 from soma_manifest.atlas.fragments import array_uris, consolidate_array, delete_timestamps, fragment_count

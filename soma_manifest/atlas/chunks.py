@@ -1,6 +1,6 @@
 """X chunks in TileDB's global order, built from a sample's CSR counts and checked on the way.
 
-X is written without TileDB's order, duplicate and bounds checks (storage.TRUSTED_ORDER): the checks TileDB
+X is written without TileDB's order, duplicate and bounds checks (engine.TRUSTED_ORDER): the checks TileDB
 would make are made here (column bounds, canonical order) and, for the domains, by domains.check_room.
 """
 
@@ -81,7 +81,7 @@ def _chunk_indices(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, n
 def read_chunk(x: Mapping[str, Any], indptr: np.ndarray, lo: int, hi: int, columns: np.ndarray,
                n_var: int, path: str) -> sp.csr_matrix:
     """Rows [lo, hi) with atlas columns, in TileDB's global order: rows, then columns, strictly ascending.
-    X is written without TileDB's checks (storage.TRUSTED_ORDER), so a chunk that is not so is refused here."""
+    X is written without TileDB's checks (engine.TRUSTED_ORDER), so a chunk that is not so is refused here."""
     a, b, indices = _chunk_indices(x, indptr, lo, hi, len(columns), path)
     chunk = sp.csr_matrix((x["data"][a:b], columns[indices], indptr[lo:hi + 1] - a), shape=(hi - lo, n_var))
     # A non-monotonic gene mapping unsorts the rows; for a monotonic one this is only a check.

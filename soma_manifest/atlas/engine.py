@@ -6,7 +6,8 @@ The other modules of the package use tiledbsoma's public API only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 
 import pyarrow as pa
 import tiledbsoma as soma
@@ -34,17 +35,51 @@ X_CREATE: dict[str, dict] = {
 GLOBAL_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
 
 
-def ctx() -> soma.SOMATileDBContext:
-    """The TileDB context of the configured store (S3 endpoint and region, storage.READER_SETTINGS); passed to
+#: TileDB 2.30 (in tiledbsoma 2.3.0) crashed with SIGSEGV in the sparse global-order reader's tile-merge
+#: preprocessing (ParallelMerge, in ~MergeUnit, on a thread of its pool): a core dump of a `verify --deep`
+#: process, counting X entries right after an apply with deletes and a compaction. Unordered reads of
+#: arrays without duplicates (all of ours) use that reader. 0 turns the preprocessing off; it only
+#: reorders how tiles are loaded, never what a read returns.
+READER_SETTINGS = {"sm.query.sparse_global_order.preprocess_tile_merge": "0"}
+
+#: For global-order writes whose chunks the writer has checked itself (chunks.read_chunk: column bounds, and
+#: scipy's canonical-format test: columns strictly ascending within each row, so ordered and without
+#: duplicates; domains.check_room bounds both dimensions first). TileDB's own checks of the same are passes
+#: over every entry: 0.5 s of a 1.3 s, 8.7M-entry X write (bench/write_checks.py; bench/README.md, "Stop 17").
+TRUSTED_ORDER = {"sm.check_global_order": "false", "sm.check_coord_dups": "false", "sm.check_coord_oob": "false"}
+
+_contexts: dict[tuple[tuple[str, str], ...], soma.SOMATileDBContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def tiledb_config() -> dict[str, str]:
+    """The TileDB settings every context of the tool has: READER_SETTINGS and the configured store's VFS
+    settings (storage.tiledb_vfs_config)."""
+    return {**READER_SETTINGS, **storage.tiledb_vfs_config()}
+
+
+def context(settings: Mapping[str, str] | None = None) -> soma.SOMATileDBContext:
+    """The SOMATileDBContext for the configured store (plus `settings`), one per process and settings; passed to
     every open."""
-    return storage.tiledb_context()
+    config = {**tiledb_config(), **(settings or {})}
+    key = tuple(sorted(config.items()))
+    with _contexts_lock:
+        found = _contexts.get(key)
+        if found is None:
+            found = _contexts[key] = soma.SOMATileDBContext(tiledb_config=config)
+        return found
+
+
+def ctx() -> soma.SOMATileDBContext:
+    """The context of every open but X writes (`context()`)."""
+    return context()
 
 
 def x_writer_ctx() -> soma.SOMATileDBContext:
     """The context the X layers are opened with for ingest's global-order chunks: without TileDB's write-time
-    checks (storage.TRUSTED_ORDER), which the ingest's chunk builder (chunks.read_chunk) and
-    domains.check_room make instead."""
-    return storage.tiledb_context(storage.TRUSTED_ORDER)
+    checks (TRUSTED_ORDER), which the ingest's chunk builder (chunks.read_chunk) and domains.check_room make
+    instead."""
+    return context(TRUSTED_ORDER)
 
 
 def fragment_cells(array_uri: str, end: int) -> int:
@@ -67,7 +102,7 @@ def consolidate_and_vacuum(array_uri: str, *, purge: bool) -> None:
     """Consolidate all fragments of one array into one, then vacuum the merged ones; `purge` drops the cells of
     every delete. Uses tiledbsoma's own (private) array handle: the same TileDB core that reads and writes the
     atlas. Raises soma.SOMAError when TileDB fails."""
-    config = {**storage.tiledb_config(), "sm.consolidation.mode": "fragments", "sm.vacuum.mode": "fragments",
+    config = {**tiledb_config(), "sm.consolidation.mode": "fragments", "sm.vacuum.mode": "fragments",
               "sm.consolidation.purge_deleted_cells": "true" if purge else "false"}
     with soma.open(array_uri, context=soma.SOMATileDBContext(tiledb_config=config)) as array:
         consolidate = getattr(getattr(array, "_handle", None), "consolidate_and_vacuum", None)

@@ -64,7 +64,7 @@ def atlas_exists(uri: str) -> bool:
     reach the store, and an unreachable store must be one error naming it, not an atlas to create.
     """
     loc = storage.Location(uri)
-    if loc.is_remote and not storage.exists(loc):
+    if storage.store_for(loc).networked and not storage.exists(loc):
         return False
     return soma.Experiment.exists(uri, context=engine.ctx()) and read_lineage(uri) is not None
 
@@ -78,7 +78,7 @@ def create_atlas(uri: str, schema: AtlasSchema, lineage: str) -> None:
     """
     if atlas_exists(uri):
         raise AtlasError("an atlas already exists here", where=uri, hint="point the manifest at another path")
-    if storage.is_object_store(storage.Location(uri)):
+    if not storage.store_for(uri).renames_atomically:
         storage.delete_tree(storage.Location(uri))
         _build_experiment(uri, schema, lineage)
         return

@@ -5,7 +5,8 @@ directly, as fast as a plain path) or `s3.py` (fsspec/s3fs with the settings of 
 `object_store` block; credentials only from the standard AWS chain). storage/ is the only code that knows
 which backend it talks to: callers that must behave differently ask a named capability of the store
 (`store_for(loc).renames_atomically`, `.sees_dead_holders`, ...; protocol.py lists them), never its kind.
-TileDB reaches the atlas through its own S3 support, configured from the same settings (tiledb.py).
+TileDB reaches the atlas through its own S3 support, configured from the same settings (tiledb.py's
+`tiledb_vfs_config`; the engine's contexts are atlas/engine.py's).
 
 Every OS or S3 failure on the tool's own files becomes one `StorageError` that names the path or URI and
 the cause (disk full, permission denied, bucket missing, endpoint unreachable, a stalled request).
@@ -25,14 +26,14 @@ from soma_manifest.storage.local import LocalStore
 from soma_manifest.storage.location import Location, as_location, resolve
 from soma_manifest.storage.protocol import Stat, Store
 from soma_manifest.storage.settings import ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT, StoreSettings, configure, settings
-from soma_manifest.storage.tiledb import READER_SETTINGS, TRUSTED_ORDER, tiledb_config, tiledb_context
+from soma_manifest.storage.tiledb import tiledb_vfs_config
 
 __all__ = [
-    "ATTEMPTS", "CONNECT_TIMEOUT", "READER_SETTINGS", "READ_TIMEOUT", "TRUSTED_ORDER", "Location", "Stat", "Store",
+    "ATTEMPTS", "CONNECT_TIMEOUT", "READ_TIMEOUT", "Location", "Stat", "Store",
     "StoreSettings", "check_writable", "configure", "create_exclusive", "delete", "delete_tree", "download",
-    "download_tree", "exists", "guard", "is_dir", "is_file", "is_object_store", "listdir", "local_file", "mkdir",
+    "download_tree", "exists", "guard", "is_dir", "is_file", "listdir", "local_file", "mkdir",
     "open_read", "prefetch", "put_file", "read_bytes", "read_versioned", "replace_if", "resolve", "settings",
-    "snapshot", "staged_file", "stat", "store_for", "tiledb_config", "tiledb_context", "write_atomic",
+    "snapshot", "staged_file", "stat", "store_for", "tiledb_vfs_config", "write_atomic",
 ]
 
 _LOCAL = LocalStore()
@@ -60,16 +61,6 @@ def guard(action: str, loc: Location) -> AbstractContextManager[None]:
     """Turn an OS or S3 failure inside the block into one StorageError naming `loc`."""
     loc = as_location(loc)
     return _store(loc).guard(action, loc)
-
-
-def is_object_store(loc: Location) -> bool:
-    """Whether a holder's death can go unseen here (no shared process table): leases need an expiry.
-
-    The same as `not store_for(loc).sees_dead_holders`; kept for the callers not yet moved to that."""
-    return not store_for(loc).sees_dead_holders
-
-
-# ---------------------------------------------------------------- reading
 
 
 def stat(loc: Location) -> Stat:

@@ -12,7 +12,7 @@ Bounds (a stalled or black-holed endpoint must fail, never hang):
   of a multipart upload 260 s. This is what ends an upload to an endpoint that stops reading: aiohttp's
   body write has no timeout of its own (and the read timeout is not armed until the body is sent).
   Then the operation fails with a StorageError naming the URI; nothing partial becomes visible.
-TileDB's own S3 requests are bounded by its settings (tiledb.tiledb_config).
+TileDB's own S3 requests are bounded by its settings (tiledb.tiledb_vfs_config).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 #: Seconds to wait for an S3 endpoint to accept a connection and to answer (and between two reads of an
 #: answer), and attempts per request (botocore's own retries, with backoff; throttling included). An endpoint
 #: that refuses, never accepts or never answers fails within about 30 s (tests/test_s3.py, black holes).
-#: TileDB gets the same connect and request timeouts (tiledb.tiledb_config).
+#: TileDB gets the same connect and request timeouts (tiledb.tiledb_vfs_config).
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 8
 ATTEMPTS = 3
