@@ -9,8 +9,9 @@ conversions still run); compact_started (the state marked pending, before any ar
 With `:<n>` the process dies the n-th time it reaches the point (e.g. before_state_replace:3, the third state
 save), so that a kill can land in the middle of a run; counts are per process.
 
-SOMA_MANIFEST_PAUSE_AT=<point>:<folder> holds a worker at a pause point (convert_start, ingest_start,
-write_obs_start: before the step checks its lease) while `<folder>/armed` exists: it creates
+SOMA_MANIFEST_PAUSE_AT=<point>[,<point>...]:<folder> holds a worker at a pause point (convert_start,
+ingest_start, write_obs_start: before the step checks its lease; write_obs_fenced: after an obs update's lease
+check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
 `<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
 use it to keep a dead apply's step alive until a new apply has run.
 """
@@ -40,8 +41,14 @@ def crash_point(name: str) -> None:
 
 
 def pause_point(name: str) -> None:
-    point, _, folder = os.environ.get(PAUSE_ENV, "").partition(":")
-    if point != name or not (Path(folder) / "armed").exists():
+    points, _, folder = os.environ.get(PAUSE_ENV, "").partition(":")
+    if name not in points.split(","):
+        return
+    try:
+        armed = (Path(folder) / "armed").read_text().strip()
+    except OSError:
+        return
+    if armed not in ("", name):
         return
     (Path(folder) / f"paused-{os.getpid()}").touch()
     while not (Path(folder) / "release").exists():

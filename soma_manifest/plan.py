@@ -374,14 +374,18 @@ def _sample_action(obs: Observed, prev, schema: AtlasSchema) -> Action | None:
         why = (_changed_files(prev.raw_files, obs.files) if prev.atlas_raw_digest != obs.raw_digest
                else "schema conversion changed")
         return Action(kind="replace", reason=why, steps=steps, delete_range=in_atlas, **known, **base)
-    if prev.atlas_meta_digest != obs.meta_digest:
+    if prev.atlas_meta_digest != obs.meta_digest or prev.obs_pending:
         # Re-joining metadata onto the existing h5ad skips parsing the raw matrix; h5ad inputs carry
         # their own annotations, so those re-convert. Only onto an h5ad of the raw data and conversion
         # the atlas holds: a run that died after re-converting a change since reverted left another one.
         cheap = (obs.h5ad_present and prev.converted and src.format != "h5ad"
                  and prev.raw_digest == obs.raw_digest and prev.conversion == schema.conversion)
-        return Action(kind="update", reason="cell or sample metadata changed",
-                      steps=("convert_metadata" if cheap else "convert", "write_obs"),
+        if prev.atlas_meta_digest != obs.meta_digest:
+            reason, convert = "cell or sample metadata changed", ("convert_metadata" if cheap else "convert",)
+        else:  # what the atlas should hold is unchanged; an h5ad of it needs no convert
+            reason, convert = "interrupted during an obs update: its obs rows are written again", \
+                () if h5ad_current else ("convert_metadata" if cheap else "convert",)
+        return Action(kind="update", reason=reason, steps=(*convert, "write_obs"),
                       cells=prev.atlas_cells, nnz=prev.atlas_nnz, **base)
     if (prev.raw_digest, prev.conversion, prev.meta_digest) != (obs.raw_digest, schema.conversion, obs.meta_digest):
         # The atlas is current but the h5ad is not: a run died after re-converting a change that was then

@@ -99,6 +99,10 @@ class SampleState(_Model):
     atlas_cells: int | None = None
     atlas_nnz: int | None = None
     ingested_at: str | None = None
+    # An obs rewrite of its range was submitted and its outcome not recorded: the atlas' obs rows may hold what
+    # that step wrote (a step that passed its lease check may still write after a takeover), so the next apply
+    # rewrites them with a later timestamp whatever the digests say. Saved before the step starts.
+    obs_pending: bool = False
     # its row of the samples table and the feature presence matrix; fresh with every joinid range
     sample_joinid: int | None = None
     # the last failure, cleared by the next success
@@ -134,9 +138,14 @@ class SampleState(_Model):
         self.atlas_cells, self.atlas_nnz = self.cells, self.nnz
         self.mark_metadata_written()
 
+    def mark_obs_write_started(self) -> None:
+        """An obs rewrite of its range is about to be submitted (recorded, and saved, before it can write)."""
+        self.obs_pending = True
+
     def mark_metadata_written(self) -> None:
         """The atlas' obs rows of the sample now hold its h5ad's metadata."""
         self.atlas_meta_digest = self.meta_digest
+        self.obs_pending = False
         self.failed_step = self.error = None
 
     def mark_failed(self, step: str, error: str) -> None:

@@ -4,8 +4,8 @@
 The workers find the moto S3 server (tests/s3server.py) the way workers of a real cluster find their object
 store: credentials and endpoint in their own environment (AWS_*), never in a task's arguments.
 
-The workers run with SOMA_MANIFEST_PAUSE_AT=ingest_start:<pause folder>: tests arm the pause (see faults.py)
-to hold a worker inside a step, e.g. to kill it there or to let it go on after its apply died.
+The workers run with SOMA_MANIFEST_PAUSE_AT=ingest_start,write_obs_fenced:<pause folder>: tests arm one of
+these pauses (see faults.py) to hold a worker inside a step, e.g. to kill it there or to let it go on after its apply died.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ class DaskCluster:
     pause: Path  # the pause folder of the workers
     processes: list[subprocess.Popen]
 
-    def arm(self) -> None:
+    def arm(self, point: str = "ingest_start") -> None:
         for leftover in self.pause.iterdir():
             leftover.unlink()
-        (self.pause / "armed").touch()
+        (self.pause / "armed").write_text(point)
 
     def paused_pids(self, at_least: int = 1, timeout: float = 120) -> list[int]:
         """Wait until `at_least` workers are held at the pause point; their worker pids."""
@@ -101,7 +101,7 @@ def dask_cluster(s3_server: S3Server) -> DaskCluster:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     pause = Path(tempfile.mkdtemp(prefix="dask-pause-"))
-    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3_server.endpoint, PAUSE_ENV: f"ingest_start:{pause}"}
+    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3_server.endpoint, PAUSE_ENV: f"ingest_start,write_obs_fenced:{pause}"}
     dask = [sys.executable, "-m", "dask"]
     procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

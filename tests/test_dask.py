@@ -345,3 +345,53 @@ def test_a_cluster_that_cannot_run_is_one_clear_error_and_writes_nothing(project
     assert "Traceback" not in result.stderr
     assert not (project.root / "atlases").exists() or not any((project.root / "atlases").iterdir())
     assert not (project.root / "logs").exists() and not (project.root / "h5ads").exists()
+
+
+@pytest.mark.parametrize(("executor", "store_project"), [("loky", "local"), ("dask", "s3")],
+                         indirect=["store_project"])
+def test_a_dead_applys_obs_update_cannot_outlast_a_new_apply(store_project: Project, dask_cluster: DaskCluster,
+                                                            executor: str) -> None:
+    """Issue 26: an obs update of a killed apply, held after its lease check and before its write, writes only
+    after a new apply took the atlas over. An update is not deleted first, as an ingest's range is: the dead
+    apply recorded (and saved) that the update was under way before submitting it, so the new apply writes
+    those obs rows again, with a later timestamp, even though the metadata went back to what the atlas held:
+    the held write lands under it and reads see the new apply's rows."""
+    project = store_project
+    apply_ok(project)
+    original = {s: (project.raw / s / "cell_metadata" / f"{s}.tsv.gz").read_bytes() for s in ("study_a", "study_b")}
+    for key in ("study_a/s1", "study_b/s1"):  # two samples: an update of one small sample runs inline
+        set_cell_type(project, key, "zombie")
+    if isinstance(project, S3Project):
+        project.upload()
+    dask_cluster.arm("write_obs_fenced")
+    if executor == "dask":
+        run = start_cli("apply", project.manifest, "--scheduler", dask_cluster.address)
+    else:
+        run = start_cli("apply", project.manifest, "--processes", "2",
+                        env={PAUSE_ENV: f"write_obs_fenced:{dask_cluster.pause}"})
+    try:
+        dask_cluster.paused_pids(at_least=1)
+        run.proc.send_signal(signal.SIGKILL)
+        assert run.wait().returncode == -signal.SIGKILL
+        (dask_cluster.pause / "armed").unlink()
+        pending = {k for k, s in read_state(project).samples.items() if s.obs_pending}
+        # Each update is on record before it is submitted: the held one(s) at least (the other may still convert).
+        assert pending and pending <= {"study_a/s1", "study_b/s1"}, pending
+        for study, data in original.items():  # the metadata goes back to what the atlas held
+            (project.raw / study / "cell_metadata" / f"{study}.tsv.gz").write_bytes(data)
+        if isinstance(project, S3Project):
+            project.upload()
+        actions = plan_actions(project)
+        assert {k: a["kind"] for k, a in actions.items()} == {"study_a/s1": "update", "study_b/s1": "update"}
+        apply_ok(project, "--executor", "loky")  # a held step keeps a Dask worker busy: use loky
+        assert_converged(project)
+        dask_cluster.release()
+        if executor == "dask":
+            dask_cluster.wait_idle()
+        else:
+            for pid in dask_cluster.paused_pids():
+                _wait_settled(dask_cluster.pause, pid)
+        assert_converged(project)  # the held writes landed under the new apply's: no "zombie" cell type
+        assert not any(s.obs_pending for s in read_state(project).samples.values())
+    finally:
+        run.kill_session()

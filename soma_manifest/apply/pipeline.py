@@ -125,12 +125,16 @@ class Pipeline:
             run.steps.submit(action.key, "ingest", ingest_step, run.lease, action.key, run.uri, run.schema,
                              entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
             self.writing += 1
-        for action in batch:
-            if "write_obs" in action.steps:
-                entry = run.state.samples[action.key]
-                run.steps.submit(action.key, "write_obs", write_obs_step, run.lease, action.key, run.uri,
-                                 run.schema, entry.h5ad, entry.joinids[0], urgent=True)
-                self.writing += 1
+        updates = [a.key for a in batch if "write_obs" in a.steps]
+        for key in updates:
+            run.state.samples[key].mark_obs_write_started()
+        if updates:
+            run.save()  # on record before any of them can write, as an ingest's range is (fencing)
+        for key in updates:
+            entry = run.state.samples[key]
+            run.steps.submit(key, "write_obs", write_obs_step, run.lease, key, run.uri, run.schema, entry.h5ad,
+                             entry.joinids[0], urgent=True)
+            self.writing += 1
 
     def _written(self, outcome: Outcome) -> None:
         run = self.run

@@ -10,6 +10,7 @@ from soma_manifest.atlas import clock, engine, layout
 from soma_manifest.atlas.checks import read_slices
 from soma_manifest.atlas.domains import df_size
 from soma_manifest.errors import AtlasError
+from soma_manifest.faults import pause_point
 from soma_manifest.h5ad import open_sample
 from soma_manifest.schema import AtlasSchema
 
@@ -47,5 +48,6 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
     with clock.mutation() as stamp, \
             soma.DataFrame.open(members.obs, "w", tiledb_timestamp=stamp, context=engine.ctx()) as obs:
         fence()
+        pause_point("write_obs_fenced")  # tests: a step held between its lease check and its write
         obs.write(table)
     return n
