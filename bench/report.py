@@ -124,7 +124,7 @@ def build(root: Path, cells: int, per_sample: int, seed: int = 0) -> Path:
 def measure(manifest: Path, repeat: int) -> dict[str, float]:
     """Medians of `repeat` runs: the CLI in a fresh process, then the in-process parts."""
     from soma_manifest import api
-    from soma_manifest.report_html import render
+    from soma_manifest.qc_page import render
 
     out = manifest.parent / "atlas-report.html"
     runs: dict[str, list[float]] = {"cli_s": [], "cli_cpu_s": [], "gather_s": [], "render_s": []}

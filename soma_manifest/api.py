@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from soma_manifest.init import InitResult
     from soma_manifest.lock import Holder
     from soma_manifest.diff import AtlasDiff
-    from soma_manifest.report import AtlasReport
+    from soma_manifest.qc_report import AtlasReport
 
 # Also re-exported for callers (the CLI imports nothing else of the package but render and errors):
 # Interrupt, manifest_json_schema, and the types the operations take and return.
@@ -367,8 +367,8 @@ class Atlas:
         """The QC report's numbers (obs, samples table, presence matrix, state and history; never X), as the
         atlas is now or as apply `serial` / tag `tag` left it. verify: also run `verify()` (it counts X
         entries; the atlas now only); else the report gives the check the last apply read made of what it wrote.
-        Render with `soma_manifest.report_html.render(report)` or `report.to_json()`."""
-        from soma_manifest.report import gather
+        Render with `write_report(...)` (the HTML page) or `report.to_json()`."""
+        from soma_manifest.qc_report import gather
 
         state = self.require_state()
         serial = self._serial(serial, tag)
@@ -382,7 +382,7 @@ class Atlas:
         """`report(...)` rendered as one self-contained HTML page and stored at `out` (a path, relative to the
         current folder, or an s3:// URI) in one atomic write. Returns the report and where it went."""
         from soma_manifest import storage
-        from soma_manifest.report_html import render
+        from soma_manifest.qc_page import render
 
         result = self.report(serial, tag, verify=verify)
         where = storage.resolve(os.fspath(out), os.getcwd())

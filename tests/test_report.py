@@ -13,8 +13,8 @@ import pytest
 from browser import open_page, require_chromium
 from conftest import Project, SampleData, apply_ok, invoke_cli, make_sample
 from soma_manifest import api
-from soma_manifest.report import QUANTILES
-from soma_manifest.report_html import figure_ids, render
+from soma_manifest.qc_report import QUANTILES
+from soma_manifest.qc_page import figure_ids, render
 
 
 def _mito_heavy() -> SampleData:
@@ -94,7 +94,7 @@ def test_outliers_are_marked_by_the_stated_rules(reported: Project) -> None:
 
 def test_cells_are_placed_by_joinid_or_by_obs_id_alike(reported: Project) -> None:
     """The samples table's joinid ranges and the obs_id prefixes (atlases read before the samples table) agree."""
-    from soma_manifest.report import _cells_by_sample, _samples_table
+    from soma_manifest.qc_report import _cells_by_sample, _samples_table
 
     with api.load(reported.manifest).open() as exp:
         by_range = _cells_by_sample(exp, _samples_table(exp), ["umi_counts"])

@@ -2,7 +2,7 @@
 (sortable tables); nothing is fetched, so it opens offline and can be mailed or attached to a CI run.
 
 Why hand-written SVG: the figures are boxes, violins, bars and one line drawn from summaries (quantiles,
-histograms) that report.py already computed, so a plotting library would add an import (matplotlib: ~0.5 s
+histograms) that qc_report.py already computed, so a plotting library would add an import (matplotlib: ~0.5 s
 and a dependency) or a bundled JS library (hundreds of KB inline) to draw a few hundred shapes. Each sample is
 one row of a few shapes, never one point per cell, so the page's size grows with the samples, not the cells.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from soma_manifest.report import QUANTILES, AtlasReport, Metric, Row
+from soma_manifest.qc_report import QUANTILES, AtlasReport, Metric, Row
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac")

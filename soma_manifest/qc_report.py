@@ -1,6 +1,6 @@
 """The QC report's numbers (`soma-manifest report`): gathered from obs, the samples table, the feature presence
 matrix, the state and the history, never from X, and summarized (quantiles, histograms) so that the page stays
-small whatever the atlas' size. report_html.py draws them; `--json` prints them.
+small whatever the atlas' size. qc_page.py draws them; `--json` prints them.
 
 Per cell, three QC metrics are summarized when the schema computes them: UMIs (`compute: umi_counts`),
 genes per cell (`n_genes`, else `nnz`: the cell's genes with a count) and `pct_mito` (percent).
