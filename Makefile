@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/soma-manifest show manifests/demo.yaml --summary
 
 test: $(STAMP)
+	bash tests/ensure_chromium.sh  # the report's browser test; installs Debian's chromium only if absent
 	$(BIN)/python -m pytest -n 2 -q
 
 bench-small: $(STAMP)
