@@ -20,6 +20,7 @@ import tiledbsoma
 
 from conftest import (
     DATA,
+    Background,
     Project,
     SampleData,
     apply_ok,
@@ -276,12 +277,7 @@ def test_a_dead_applys_step_cannot_write_after_a_new_apply_started(store_project
     S3 the lock object) it would write its cells with a later timestamp than that delete: they would stay, as
     orphans. With it, nothing lands."""
     project = store_project
-    dask_cluster.arm()
-    if executor == "dask":
-        run = start_cli("apply", project.manifest, "--scheduler", dask_cluster.address)
-    else:
-        run = start_cli("apply", project.manifest, "--processes", "2",
-                        env={PAUSE_ENV: f"ingest_start:{dask_cluster.pause}"})
+    run = _apply_held_at("ingest_start", project, dask_cluster, executor)
     try:
         # A worker holds an ingest. While one is in flight the coordinator resizes nothing (apply.allocation),
         # so the kill cannot land inside a resize.
@@ -299,15 +295,28 @@ def test_a_dead_applys_step_cannot_write_after_a_new_apply_started(store_project
         assert {a["kind"] for a in plan_actions(project).values()} <= {"resume", "ingest", "add"}
         apply_ok(project, "--executor", "loky")  # the held step(s) keep a Dask worker busy: use loky
         assert_converged(project)
-        dask_cluster.release()
-        if executor == "dask":
-            dask_cluster.wait_idle()
-        else:
-            for pid in dask_cluster.paused_pids():
-                _wait_settled(dask_cluster.pause, pid)
+        _release_held(dask_cluster, executor)
         assert_converged(project)  # exactly the samples, no orphan cell, no stale X entry
     finally:
         run.kill_session()
+
+
+def _apply_held_at(point: str, project: Project, dask_cluster: DaskCluster, executor: str) -> Background:
+    """An apply on the Dask cluster or on loky whose workers stop at the pause `point` (faults.py)."""
+    dask_cluster.arm(point)
+    if executor == "dask":
+        return start_cli("apply", project.manifest, "--scheduler", dask_cluster.address)
+    return start_cli("apply", project.manifest, "--processes", "2", env={PAUSE_ENV: f"{point}:{dask_cluster.pause}"})
+
+
+def _release_held(dask_cluster: DaskCluster, executor: str) -> None:
+    """Let the held steps go on, and wait until they have returned."""
+    dask_cluster.release()
+    if executor == "dask":
+        dask_cluster.wait_idle()
+    else:
+        for pid in dask_cluster.paused_pids():
+            _wait_settled(dask_cluster.pause, pid)
 
 
 def _wait_settled(pause: Path, pid: int, timeout: float = 60) -> None:
@@ -363,12 +372,7 @@ def test_a_dead_applys_obs_update_cannot_outlast_a_new_apply(store_project: Proj
         set_cell_type(project, key, "zombie")
     if isinstance(project, S3Project):
         project.upload()
-    dask_cluster.arm("write_obs_fenced")
-    if executor == "dask":
-        run = start_cli("apply", project.manifest, "--scheduler", dask_cluster.address)
-    else:
-        run = start_cli("apply", project.manifest, "--processes", "2",
-                        env={PAUSE_ENV: f"write_obs_fenced:{dask_cluster.pause}"})
+    run = _apply_held_at("write_obs_fenced", project, dask_cluster, executor)
     try:
         dask_cluster.paused_pids(at_least=1)
         run.proc.send_signal(signal.SIGKILL)
@@ -385,12 +389,7 @@ def test_a_dead_applys_obs_update_cannot_outlast_a_new_apply(store_project: Proj
         assert {k: a["kind"] for k, a in actions.items()} == {"study_a/s1": "update", "study_b/s1": "update"}
         apply_ok(project, "--executor", "loky")  # a held step keeps a Dask worker busy: use loky
         assert_converged(project)
-        dask_cluster.release()
-        if executor == "dask":
-            dask_cluster.wait_idle()
-        else:
-            for pid in dask_cluster.paused_pids():
-                _wait_settled(dask_cluster.pause, pid)
+        _release_held(dask_cluster, executor)
         assert_converged(project)  # the held writes landed under the new apply's: no "zombie" cell type
         assert not any(s.obs_pending for s in read_state(project).samples.values())
     finally:
