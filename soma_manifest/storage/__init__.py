@@ -51,7 +51,7 @@ def _store(loc: Location) -> Store:
     current = settings()
     store = _s3_stores.get(current)
     if store is None:
-        from soma_manifest.storage.s3 import S3Store  # s3fs and botocore load only when S3 is used
+        from soma_manifest.storage.s3 import S3Store  # a run that never touches S3 never loads it (nor s3fs)
 
         store = _s3_stores.setdefault(current, S3Store(current))
     return store
