@@ -139,15 +139,20 @@ class Project:
         return self.manifest
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Project:
-    """Two studies, three samples, colliding barcodes, partly disjoint genes."""
-    p = Project(tmp_path)
+def three_samples(root: Path) -> Project:
+    """Two studies, three samples, colliding barcodes, partly disjoint genes (also for module-scoped fixtures)."""
+    p = Project(root)
     p.add_mtx("study_a", "s1", make_sample(40, 30, seed=1))
     p.add_mtx("study_a", "s2", make_sample(35, 30, seed=2, gene_offset=10))
     p.add_mtx("study_b", "s1", make_sample(30, 25, seed=3, gene_offset=5))
     p.write_manifest()
     return p
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """Two studies, three samples, colliding barcodes, partly disjoint genes."""
+    return three_samples(tmp_path)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300

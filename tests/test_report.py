@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from browser import open_page, require_chromium
-from conftest import Project, SampleData, apply_ok, invoke_cli, make_sample
+from conftest import Project, SampleData, apply_ok, invoke_cli, make_sample, three_samples
 from soma_manifest import api
 from soma_manifest.qc_report import QUANTILES
 from soma_manifest.qc_page import figure_ids, render
@@ -27,11 +27,7 @@ def _mito_heavy() -> SampleData:
 
 def applied_once(root: Path) -> Project:
     """conftest's `applied` project, for module-scoped fixtures: three samples in two studies, applied."""
-    p = Project(root)
-    p.add_mtx("study_a", "s1", make_sample(40, 30, seed=1))
-    p.add_mtx("study_a", "s2", make_sample(35, 30, seed=2, gene_offset=10))
-    p.add_mtx("study_b", "s1", make_sample(30, 25, seed=3, gene_offset=5))
-    p.write_manifest()
+    p = three_samples(root)
     apply_ok(p)
     return p
 
