@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, _children_cpu_s, dir_bytes, fresh_dir, wait_until_idle  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
-from soma_manifest import atlas, storage, state as st  # noqa: E402
+from soma_manifest import atlas, state as st  # noqa: E402
 from soma_manifest.schema import load_schema  # noqa: E402
 
 GENES = 20_000
@@ -63,7 +63,7 @@ def build(root: Path, cells: int, per_sample: int, seed: int = 0) -> Path:
     atlas.resize_samples(uri, schema, n_samples)
     state = st.State(atlas=uri, lineage=lineage, structure=schema.structure,
                      structure_summary=schema.structure_summary())
-    with soma.Experiment.open(uri, context=storage.tiledb_context()) as exp:
+    with soma.Experiment.open(uri, context=atlas.context()) as exp:
         obs_uri, obs_schema = exp.obs.uri, exp.obs.schema
         samples_uri, presence_uri = exp[atlas.SAMPLES].uri, exp.ms["RNA"][atlas.PRESENCE].uri
         samples_schema = exp[atlas.SAMPLES].schema
@@ -95,11 +95,11 @@ def build(root: Path, cells: int, per_sample: int, seed: int = 0) -> Path:
             state.samples[f"{study}/{name}"] = st.SampleState(
                 study=study, sample=name, format="mtx", converted=True, cells=n, joinids=(start, start + n),
                 ingest="done", atlas_cells=n, atlas_nnz=int(genes.sum()), sample_joinid=int(j))
-        with soma.DataFrame.open(obs_uri, "w", context=storage.tiledb_context()) as obs:
+        with soma.DataFrame.open(obs_uri, "w", context=atlas.context()) as obs:
             obs.write(pa.concat_tables(tables))
-        with soma.DataFrame.open(samples_uri, "w", context=storage.tiledb_context()) as table:
+        with soma.DataFrame.open(samples_uri, "w", context=atlas.context()) as table:
             table.write(pa.Table.from_pylist(rows, schema=samples_schema))
-        with soma.SparseNDArray.open(presence_uri, "w", context=storage.tiledb_context()) as matrix:
+        with soma.SparseNDArray.open(presence_uri, "w", context=atlas.context()) as matrix:
             r, c = (np.concatenate(x) for x in zip(*presence))
             matrix.write(pa.table({"soma_dim_0": r, "soma_dim_1": c, "soma_data": np.ones(len(r), dtype=bool)}))
         stamp = atlas.settled_timestamp()
