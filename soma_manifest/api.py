@@ -232,7 +232,6 @@ class Atlas:
             from soma_manifest import compact
             from soma_manifest.apply import execute
             from soma_manifest.migrate import upgrade
-            from soma_manifest.reports import ApplyReport
             from soma_manifest.verify import open_state
 
             if plan is not None:
