@@ -333,6 +333,15 @@ def _wait_settled(pause: Path, pid: int, timeout: float = 60) -> None:
         return
 
 
+def _wait_pending(project: Project, keys: set[str], timeout: float = 120) -> None:
+    """Until the state records an obs update under way for each of `keys`."""
+    deadline = time.monotonic() + timeout
+    while (pending := {k for k, s in read_state(project).samples.items() if s.obs_pending}) != keys:
+        assert pending <= keys, pending
+        assert time.monotonic() < deadline, f"obs updates on record: {sorted(pending)}, expected {sorted(keys)}"
+        time.sleep(0.1)
+
+
 def _cpu_still(proc) -> bool:
     before = sum(proc.cpu_times()[:2])
     time.sleep(0.5)
@@ -375,12 +384,12 @@ def test_a_dead_applys_obs_update_cannot_outlast_a_new_apply(store_project: Proj
     run = _apply_held_at("write_obs_fenced", project, dask_cluster, executor)
     try:
         dask_cluster.paused_pids(at_least=1)
+        # Each update is on record before it is submitted: once one is held, the other converts, is put on record
+        # and submitted (killing earlier would leave it unconverted and so, once reverted, rightly unchanged).
+        _wait_pending(project, {"study_a/s1", "study_b/s1"})
         run.proc.send_signal(signal.SIGKILL)
         assert run.wait().returncode == -signal.SIGKILL
         (dask_cluster.pause / "armed").unlink()
-        pending = {k for k, s in read_state(project).samples.items() if s.obs_pending}
-        # Each update is on record before it is submitted: the held one(s) at least (the other may still convert).
-        assert pending and pending <= {"study_a/s1", "study_b/s1"}, pending
         for study, data in original.items():  # the metadata goes back to what the atlas held
             (project.raw / study / "cell_metadata" / f"{study}.tsv.gz").write_bytes(data)
         if isinstance(project, S3Project):
