@@ -7,7 +7,7 @@ project, adds the fourth sample's raw folder and runs the `soma-manifest apply` 
 script, as users run it) in a fresh interpreter. The table gives the whole command's wall time against the
 1.5 s target, then what bounds it: `soma-manifest plan` on the same project (interpreter, the command
 line's imports, planning; no storage engine), one interpreter importing what apply imports
-(`import soma_manifest.apply` without the packages executors._lean_imports leaves out, as the command does;
+(`import soma_manifest.apply` without the packages executors.workers.lean_imports leaves out, as the command does;
 ended with os._exit as the command is, since the interpreter's own teardown took ~0.5 s more), and the run
 report's phases (logs/last-apply.json). The heading names the executor apply chose (from its log): a sample
 this small runs inline, in apply's own process. Median over the repetitions.
@@ -63,9 +63,9 @@ def main() -> None:
     subprocess.run([*cli, "apply", str(base / "atlas.yaml"), "--processes", str(args.processes)], check=True,
                    capture_output=True)
 
-    # as the command imports it: without the packages executors._lean_imports leaves out
+    # as the command imports it: without the packages executors.workers.lean_imports leaves out
     imports = statistics.median(timed([str(PYTHON), "-c", "from soma_manifest import executors; "
-                                       "executors._lean_imports(); import soma_manifest.apply; import os; os._exit(0)"])
+                                       "executors.workers.lean_imports(); import soma_manifest.apply; import os; os._exit(0)"])
                                 for _ in range(args.repeat))
     walls, plans, reports, executors = [], [], [], set()
     for _ in range(args.repeat):

@@ -1,6 +1,6 @@
 """Issue 26: applies on two loky workers end without loky's resource tracker warning on stderr ("There appear
 to be 3 leaked semlock objects to clean up at shutdown"): the pool is shut down so that its call queue's
-semaphores are released before the command line exits (executors._settle).
+semaphores are released before the command line exits (executors.loky_pool._settle).
 
 The leak was a race (the queue's feeder thread ending after os._exit), seen in about one 16-sample apply in
 three; each test below gives it several chances."""

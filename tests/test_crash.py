@@ -143,7 +143,7 @@ def test_a_job_left_by_a_dead_apply_never_starts(coordinator: str, runs: bool) -
     """loky workers keep taking queued jobs after a kill -9 of apply; such a job must not start writing (its
     writes would be stamped after the next apply's deletes). Seen as orphan cells in random-kill runs."""
     pid = os.getpid() if coordinator == "parent" else 1
-    code = f"from soma_manifest.executors import _while_coordinator_lives; _while_coordinator_lives({pid}, print, 'ran')"
+    code = f"from soma_manifest.executors.workers import while_coordinator_lives; while_coordinator_lives({pid}, print, 'ran')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout) == ((0, "ran\n") if runs else (1, ""))
 

@@ -102,12 +102,12 @@ def test_a_crash_inside_an_inline_ingest_then_apply_converges(tmp_path: Path) ->
 
 
 def test_the_command_line_leaves_out_four_packages_and_still_reads_and_writes_h5ad_and_soma(tmp_path: Path) -> None:
-    """What executors._lean_imports leaves out of the command's process (Dask, zarr, charset_normalizer,
+    """What executors.workers.lean_imports leaves out of the command's process (Dask, zarr, charset_normalizer,
     shapely): anndata's h5ad I/O, and the storage engine's experiment write, query and read, work without."""
     code = f"""
 import sys
 from soma_manifest import executors
-executors._lean_imports()
+executors.workers.lean_imports()
 import anndata, numpy as np, pandas as pd, scipy.sparse as sp, tiledbsoma, tiledbsoma.io
 import soma_manifest.apply, soma_manifest.convert
 assert sys.modules["dask"] is None and sys.modules["charset_normalizer"] is None, "a real package was loaded"

@@ -1,5 +1,5 @@
 """Scheduling: converts on the workers, and ingests as soon as their conversions arrive, in one loop over
-the executor's outcomes (no phase barrier). Which executor runs the steps is executors.py's business.
+the executor's outcomes (no phase barrier). Which executor runs the steps is the executors package's business.
 
 The coordinator's serial work happens between outcomes, batched over what arrived together: allocate
 (allocation.py; one state save), then the pending deletes (deletes.py; a save each), then the ingests are

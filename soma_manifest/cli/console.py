@@ -129,7 +129,7 @@ def interruptible() -> Iterator[api.Interrupt]:
 
     The handlers only set a flag and write with os.write. Before, SIGINT raised KeyboardInterrupt wherever
     each process was (apply and every worker: a terminal signals the whole group), and workers crashed with
-    SIGSEGV inside TileDB's own SIGINT handler (see executors._quiet_worker); SIGTERM ended apply without
+    SIGSEGV inside TileDB's own SIGINT handler (see executors.workers.quiet_worker); SIGTERM ended apply without
     releasing the lock."""
     import signal
 
