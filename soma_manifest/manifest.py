@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,11 +179,16 @@ class LoadedManifest(BaseModel):
             raise ManifestError([f"{self.locate((key,))}: {key}: {exc.render()}"]) from None
 
 
-def load_manifest(path: Path) -> LoadedManifest:
+def load_manifest(path: str | os.PathLike[str]) -> LoadedManifest:
     """Parse and validate a manifest; all problems are reported at once, each with its line.
 
     Its object_store settings become this process' settings for s3:// paths (storage.configure).
     """
+    # Path() makes "s3://b/k" a local "s3:/b/k" (the command line's arguments are Paths already)
+    if os.fspath(path).startswith("s3:/"):
+        uri = "s3://" + os.fspath(path)[4:].lstrip("/")
+        raise ManifestError([f"{uri}: a manifest is read from a local file (a checkout); only saved plans "
+                             "(`plan --out`) and the paths inside a manifest may be s3:// URIs"])
     path = Path(path)
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):

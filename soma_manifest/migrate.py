@@ -38,9 +38,8 @@ def upgrade(manifest: LoadedManifest, schema: AtlasSchema, state: State) -> None
                 state.allocate_sample(entry)
             filled.append((key, entry))
         else:
-            entry.failed_step = "ingest"
-            entry.error = ("no feature presence row: its h5ad is missing or of another version; "
-                           "apply re-ingests it")
+            entry.mark_failed("ingest", "no feature presence row: its h5ad is missing or of another version; "
+                                        "apply re-ingests it")
     save_state(state, manifest.state_path)
     atlas.resize_samples(uri, schema, state.next_sample_joinid)
     for key, entry in filled:

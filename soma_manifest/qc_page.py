@@ -216,7 +216,7 @@ def _frame(fig_id: str, title: str, rows: list[Row], row_height: int, axis: _Axi
     for i, r in enumerate(rows):
         y = top + i * row_height + row_height / 2
         label = r.key if len(r.key) <= LABEL_MAX else r.key[: LABEL_MAX - 1] + "…"
-        flag = f"<tspan class='flag'>⚑ </tspan>" if r.flags else ""
+        flag = "<tspan class='flag'>⚑ </tspan>" if r.flags else ""
         out.append(f"<text class='label' x='{axis.x0 - 8}' y='{y + 4:.1f}'>{flag}{escape(label)}</text>")
     out += body
     out.append("</svg></figure>")
@@ -318,7 +318,7 @@ def _history(report: AtlasReport) -> str:
     def x(i: int) -> float:
         return left + (i + 0.5) * (width - left - right) / max(len(entries), 1)
 
-    out = [f"<figure id='fig-cells-over-applies' class='fig wide'><figcaption>Cells after each apply</figcaption>",
+    out = ["<figure id='fig-cells-over-applies' class='fig wide'><figcaption>Cells after each apply</figcaption>",
            f"<svg width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
            f"role='img' aria-label='Cells after each apply'>"]
     for v, label in ticks:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Iterable
 
 from rich.markup import escape
 
@@ -157,6 +156,3 @@ def history_changes(changes: dict[str, list[str]]) -> str:
     """`added 2, replaced 1` for the changes of a history entry."""
     return ", ".join(f"{word} {len(keys)}" for word, keys in changes.items()) or "created the atlas"
 
-
-def problems_text(problems: Iterable[str]) -> str:
-    return "\n".join(f"  - {escape(p)}" for p in problems)

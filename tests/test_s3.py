@@ -155,6 +155,9 @@ def test_a_plan_saved_to_s3_is_applied_from_there(s3_project: S3Project) -> None
     assert_converged(p)
     stale = run_cli("apply", uri, cwd=p.root, env=env)
     assert stale.returncode == 1 and "the plan is stale" in stale.stderr, stale.stderr
+    missing = run_cli("apply", uri.replace("atlas.plan", "other.plan"), cwd=p.root, env=env)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert f"no saved plan at {uri.replace('atlas.plan', 'other.plan')}" in missing.stderr, missing.stderr
 
 
 def test_real_data_round_trip_on_s3(tmp_path: Path, s3_server: S3Server) -> None:

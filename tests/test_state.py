@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pytest
 import tiledbsoma as soma
 
-from conftest import DEFAULT_SCHEMA, Project, apply_ok, assert_atlas_holds, assert_converged, invoke_cli, read_state
+from conftest import DEFAULT_SCHEMA, Project, assert_atlas_holds, assert_converged, invoke_cli, read_state
 from soma_manifest.state import backup_path, load_state
 
 

@@ -15,6 +15,7 @@ from soma_manifest import planfile
 from soma_manifest.api.process import before_exit, dedicate_process, stop_at_once, stop_workers
 from soma_manifest.api.reads import AtlasSummary, Reads
 from soma_manifest.api.releases import Releases
+from soma_manifest.errors import PlanError
 from soma_manifest.interrupt import Interrupt
 from soma_manifest.manifest import load_manifest, manifest_json_schema
 from soma_manifest.plan import Observations, Plan, atlas_present, make_plan, observe
@@ -64,6 +65,9 @@ def load_target(where: str | os.PathLike[str]) -> tuple[Atlas, Plan | None]:
     for a manifest). A saved plan names its manifest relative to where plan ran: PlanError when it is not
     found from the working directory."""
     saved = read_plan(where)
+    if saved is None and os.fspath(where).startswith("s3://"):
+        raise PlanError(f"no saved plan at {os.fspath(where)}", where=os.fspath(where),
+                        hint="save one there with `soma-manifest plan MANIFEST --out URI`, or apply a local manifest")
     return load(planfile.manifest_of(saved) if saved else where), saved
 
 

@@ -51,9 +51,9 @@ from soma_manifest.h5ad import measured_genes, var_rows
 from soma_manifest.h5ad import read_var as read_h5ad_var
 
 __all__ = [
-    "LINEAGE_KEY", "PRESENCE", "PRESENCE_KEY", "SAMPLES", "STRUCTURE_KEY",
+    "LINEAGE_KEY", "PRESENCE", "PRESENCE_KEY", "READER_SETTINGS", "SAMPLES", "STRUCTURE_KEY", "TRUSTED_ORDER",
     "IngestStats", "Overview", "RangeStats", "Room",
-    "add_sample_arrays", "array_uris", "atlas_exists", "column_names", "consolidate_array", "count_x_outside",
+    "add_sample_arrays", "array_uris", "atlas_exists", "column_names", "consolidate_array", "context", "count_x_outside",
     "create_atlas", "delete_obs_range", "delete_samples", "delete_timestamps", "extend_var", "fragment_count",
     "ingest_h5ad", "ingest_sample", "mark_presence_complete", "measured_genes", "obs_joinids_outside",
     "open_experiment", "overview", "presence_complete", "range_stats", "read_h5ad_var", "read_lineage",
