@@ -121,6 +121,13 @@ def _convert(job: ConvertJob, schema: AtlasSchema) -> tuple[ad.AnnData, int, Gen
         metadata = _metadata_columns(job, schema, barcodes, None)
         for name, values in metadata.items():
             adata.obs[name] = values
+        # Columns added to the schema in place that need no raw data (computed ones are planned with a convert).
+        plain = {"barcode": barcodes, "sample": np.full(len(barcodes), job.sample, dtype=object),
+                 "study": np.full(len(barcodes), job.study, dtype=object)}
+        for col in schema.obs:
+            if col.source in plain:
+                adata.obs[col.name] = _typed(plain[col.source], col)
+        adata.obs = adata.obs[[c.name for c in schema.obs]]  # columns dropped from the schema leave the h5ad
         return adata, 0, None
     raw = read_sample(job.format, Path(job.path))
     return _standardize(job, schema, raw)
