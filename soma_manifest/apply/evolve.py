@@ -13,6 +13,7 @@ import time
 
 from soma_manifest import atlas
 from soma_manifest.apply.run import Run
+from soma_manifest.faults import crash_point
 from soma_manifest.plan import Plan, conversion_parts, in_place
 from soma_manifest.state import LayerFill
 from soma_manifest.steps import write_layer_step
@@ -46,6 +47,7 @@ def prepare(run: Run, plan: Plan) -> None:
             if change.what == "layer" and change.kind == "drop":
                 atlas.drop_layer(run.uri, schema, change.name)
                 state.layer_fills.pop(change.name, None)
+        crash_point("after_evolve")
         log.info("schema changes made in place: %s", ", ".join(c.short for c in changes))
         run.add_seconds("schema", started)
     for key in plan.unchanged:  # their counts and obs rows stand (plan._in_place_update)
@@ -115,3 +117,4 @@ def _record(run: Run, outcome) -> None:
         log.info("%s: layer %s computed (%d entries, %.1fs)", outcome.key, name, entries, outcome.seconds)
     run.reporter.advance("layers", outcome.key, outcome.ok)
     run.save()
+    crash_point("mid_layer_fill")
