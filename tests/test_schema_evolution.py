@@ -223,3 +223,28 @@ def test_saved_plan_made_before_a_schema_change_is_stale(project: Project, own_s
     edit(own_schema, CELL_TYPE, CELL_TYPE + DONOR)
     result = invoke_cli("apply", saved)
     assert result.returncode == 1 and "stale" in result.stderr and "schema" in result.stderr
+
+
+@pytest.mark.parametrize("point", ["after_evolve", "mid_layer_fill"])
+def test_kill_during_a_layer_build_converges_exactly(project: Project, own_schema: Path, point: str) -> None:
+    """kill -9 of apply once the layer exists, or after one sample was computed: the next plan lists
+    what is left, the next apply computes it, and the layer holds exactly what an ingest writes."""
+    from conftest import run_cli
+    from soma_manifest.faults import ENV as CRASH_AT
+
+    edit(own_schema, RAW_LAYER, RAW_LAYER + "  - {name: norm, type: float32, source: normalized}\n")
+    edit(own_schema, CELL_TYPE, CELL_TYPE + DONOR)
+    killed = run_cli("apply", str(project.manifest), env={CRASH_AT: point})
+    assert killed.returncode == -9, killed.stderr
+    left = {"after_evolve": 3, "mid_layer_fill": 2}[point]
+    changes = {c["name"]: c for c in plan_doc(project)["schema_changes"]}
+    assert changes["norm"]["samples"] == left
+    # The layer exists, but the state records the old structure until every sample has it.
+    assert "norm" in layers(project) and "norm:float32" not in read_state(project).structure_summary["layers"]
+    apply_ok(project)
+    state = read_state(project)
+    assert state.layer_fills == {} and "norm:float32" in state.structure_summary["layers"]
+    for key, data in project.samples.items():
+        got, want = layer_matrix(project, key, "norm"), expected_layer(data.counts, "normalized")
+        assert got.nnz == want.nnz and abs(got - want).max() == 0, key
+    assert_converged(project)
