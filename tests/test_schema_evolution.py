@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
@@ -248,3 +249,20 @@ def test_kill_during_a_layer_build_converges_exactly(project: Project, own_schem
         got, want = layer_matrix(project, key, "norm"), expected_layer(data.counts, "normalized")
         assert got.nnz == want.nnz and abs(got - want).max() == 0, key
     assert_converged(project)
+
+
+def test_verify_deep_compares_a_layer_added_in_place_with_its_counts(project: Project, own_schema: Path) -> None:
+    """A wrong value in a layer added in place is found by `verify --deep` (and only there)."""
+    from conftest import run_cli
+
+    edit(own_schema, RAW_LAYER, RAW_LAYER + "  - {name: lognorm, type: float32, source: log1p}\n")
+    apply_ok(project)
+    assert run_cli("verify", "--deep", str(project.manifest)).returncode == 0
+    with soma.Experiment.open(str(project.atlas_uri), context=atlas.context()) as exp:
+        entry = exp.ms["RNA"].X["lognorm"].read((slice(0, 0),)).tables().concat().slice(0, 1)
+    with soma.SparseNDArray.open(str(project.atlas_uri / "ms" / "RNA" / "X" / "lognorm"), "w",
+                                 context=atlas.context()) as x:
+        x.write(entry.set_column(2, "soma_data", pa.array([123.0], pa.float32())))
+    assert run_cli("verify", str(project.manifest)).returncode == 0
+    deep = run_cli("verify", "--deep", str(project.manifest))
+    assert deep.returncode == 1 and "X layer 'lognorm' differs from its counts (log1p)" in deep.stdout + deep.stderr
