@@ -299,7 +299,10 @@ def schema_changes(schema: AtlasSchema, state: State | None, schema_path: Locati
     if state is None or not state.structure or state.structure == schema.structure:
         return ()
     before, after = state.structure_summary, schema.structure_summary()
-    refused = _refused_changes(before, after, schema)
+    reused = [f"X layer {layer.name} added under the name of a layer dropped earlier: the dropped layer's array "
+              "keeps that name for reads of earlier applies; choose another name" for layer in schema.layers
+              if layer.name in state.dropped_layers and layer.name not in _names(before.get("layers", []))]
+    refused = "; ".join(filter(None, [_refused_changes(before, after, schema), *reused]))
     if refused:
         raise SchemaError(
             f"the schema changes the atlas structure in a way that cannot be made in place ({refused})",

@@ -233,6 +233,8 @@ class State(_Model):
     # the layers added in place whose samples are not all computed yet. `structure` changes once none is left.
     conversions: dict[str, ConversionParts] = Field(default_factory=dict)
     layer_fills: dict[str, LayerFill] = Field(default_factory=dict)
+    # Layers dropped in place: their arrays stay (reads at earlier serials), so their names are not reused.
+    dropped_layers: list[str] = Field(default_factory=list)
 
     def allocate(self, n: int) -> tuple[int, int]:
         """A fresh joinid range; ranges are never reused, so a crash cannot mix two samples."""

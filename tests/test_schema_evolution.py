@@ -266,3 +266,29 @@ def test_verify_deep_compares_a_layer_added_in_place_with_its_counts(project: Pr
     assert run_cli("verify", str(project.manifest)).returncode == 0
     deep = run_cli("verify", "--deep", str(project.manifest))
     assert deep.returncode == 1 and "X layer 'lognorm' differs from its counts (log1p)" in deep.stdout + deep.stderr
+
+
+def test_layer_dropped_then_added_again_under_its_name_is_refused(project: Project, own_schema: Path) -> None:
+    """The dropped layer's array stays for reads at earlier serials, under its name: re-adding the name is
+    refused, located, changing nothing."""
+    norm = "  - {name: norm, type: float32, source: normalized}\n"
+    edit(own_schema, RAW_LAYER, RAW_LAYER + norm)
+    apply_ok(project)
+    with_norm = read_state(project).serial
+    edit(own_schema, norm, "")
+    apply_ok(project)
+    edit(own_schema, RAW_LAYER, RAW_LAYER + norm.replace("normalized", "log1p"))
+    state_bytes = project.state_path.read_bytes()
+    refused = invoke_cli("apply", project.manifest)
+    assert refused.returncode == 1 and str(own_schema) in refused.stderr
+    assert "X layer norm added under the name of a layer dropped earlier" in refused.stderr
+    assert "Traceback" not in refused.stderr and project.state_path.read_bytes() == state_bytes
+    from soma_manifest.api import load
+    with load(project.manifest).open(serial=with_norm) as exp:
+        old = exp.ms["RNA"].X["norm"].read().tables().concat()
+    assert len(old) == sum(d.counts.nnz for d in project.samples.values())
+    edit(own_schema, "name: norm", "name: norm2")
+    apply_ok(project)
+    for key, data in project.samples.items():
+        assert abs(layer_matrix(project, key, "norm2") - expected_layer(data.counts, "log1p")).max() == 0
+    assert_converged(project)

@@ -47,6 +47,8 @@ def prepare(run: Run, plan: Plan) -> None:
             if change.what == "layer" and change.kind == "drop":
                 atlas.drop_layer(run.uri, schema, change.name)
                 state.layer_fills.pop(change.name, None)
+                if change.name not in state.dropped_layers:
+                    state.dropped_layers.append(change.name)
         crash_point("after_evolve")
         log.info("schema changes made in place: %s", ", ".join(c.short for c in changes))
         run.add_seconds("schema", started)
