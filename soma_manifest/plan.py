@@ -156,6 +156,13 @@ class Plan(_Frozen):
         """The samples with a step that runs on a worker (convert, ingest, obs update)."""
         return [a for a in self.actions if a.runs_on_workers]
 
+    @property
+    def worker_sizes(self) -> list[int]:
+        """The raw bytes of each sample with a step on a worker, and a 0 for each sample a layer added in place
+        is computed for (a worker step too): what sizes the worker pool."""
+        fills = sum(c.samples or 0 for c in self.schema_changes if c.what == "layer" and c.kind == "add")
+        return [a.raw_bytes for a in self.worker_actions] + [0] * fills
+
     def to_json(self) -> str:
         """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
         return self.model_dump_json(indent=1)

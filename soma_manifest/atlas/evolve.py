@@ -73,22 +73,26 @@ def write_layer(uri: str, schema: AtlasSchema, name: str, start: int, stop: int,
     members = layout.members(uri, schema)
     with soma.SparseNDArray.open(members.layers[schema.counts_layer.name], context=engine.ctx()) as counts:
         table = counts.read((slice(start, stop - 1),)).tables().concat()
-    rows = table["soma_dim_0"].to_numpy()
-    data = table["soma_data"].to_numpy()
     if layer.source == "counts":
         raise AtlasError(f"layer {name} holds counts: it cannot be computed in place", where=uri,
                          hint="the atlas' counts are in its counts layer")
+    rows = table["soma_dim_0"].to_numpy()
+    cols = table["soma_dim_1"].to_numpy()
+    # The layer's global order ((cell, gene), or (gene, cell) for a gene-optimized layer), so the write skips
+    # TileDB's sort and its checks, as an ingest's does (engine.GLOBAL_ORDER, engine.x_writer_ctx).
+    order = np.lexsort((cols, rows) if layer.optimize == "cells" else (rows, cols))
+    rows, cols, data = rows[order], cols[order], table["soma_data"].to_numpy()[order]
     totals = row_totals(rows - start, data, stop - start)[rows - start]
     values = data / totals * 1e4
     if layer.source == "log1p":
         values = np.log1p(values)
-    out = pa.table({"soma_dim_0": table["soma_dim_0"], "soma_dim_1": table["soma_dim_1"],
-                    "soma_data": values.astype(layer.type, copy=False)})
+    out = pa.table({"soma_dim_0": rows, "soma_dim_1": cols, "soma_data": values.astype(layer.type, copy=False)})
     with clock.mutation() as stamp, soma.SparseNDArray.open(members.layers[name], "w", tiledb_timestamp=stamp,
-                                                            context=engine.ctx()) as x:
+                                                            context=engine.x_writer_ctx()) as x:
         fence()  # after the stamp is fixed, as ingest's: a takeover after it rewrites the sample later
         pause_point("write_layer_fenced")
-        x.write(out)
+        if len(out):
+            x.write(out, platform_config=engine.GLOBAL_ORDER)
     return len(out)
 
 
