@@ -24,6 +24,7 @@ from conftest import (
     read_state,
 )
 from soma_manifest import atlas
+from test_dask import store_project  # noqa: F401 - a fixture: the project, or the same in a bucket
 
 RAW_LAYER = "  - {name: raw, type: int32, source: counts}\n"
 PCT_RIBO = "  - {name: pct_ribo, type: float32, source: computed}\n"
@@ -292,3 +293,42 @@ def test_layer_dropped_then_added_again_under_its_name_is_refused(project: Proje
     for key, data in project.samples.items():
         assert abs(layer_matrix(project, key, "norm2") - expected_layer(data.counts, "log1p")).max() == 0
     assert_converged(project)
+
+
+@pytest.mark.parametrize("store_project", ["s3"], indirect=True)
+def test_columns_and_a_layer_added_on_s3_through_a_dask_cluster(store_project: Project, dask_cluster) -> None:
+    """On an S3 atlas, with the Dask executor: an obs column and a layer are added in place (the layer computed
+    on the cluster's workers), equal to what the counts give; X's counts are not rewritten."""
+    from soma_manifest.api import load
+    from test_dask import read_log, read_text
+
+    project = store_project
+    schema = project.root / "schema.yaml"
+    shutil.copy(DEFAULT_SCHEMA, schema)
+    project.write_manifest(schema=schema, extra=f"executor:\n  kind: dask\n  address: {dask_cluster.address}\n")
+    apply_ok(project)
+    first = read_state_of(project).serial
+    edit(schema, CELL_TYPE, CELL_TYPE + DONOR)
+    edit(schema, RAW_LAYER, RAW_LAYER + "  - {name: norm, type: float32, source: normalized, optimize: genes}\n")
+    counts_objects = {k for k in project.objects() if "/X/raw/__fragments/" in k}
+    apply_ok(project)
+    assert "executor dask at " + dask_cluster.address in read_text(project, read_log(project))
+    assert {k for k in project.objects() if "/X/raw/__fragments/" in k} == counts_objects
+    handle = load(project.manifest)
+    with handle.open() as exp:
+        obs = exp.obs.read(column_names=["obs_id", "donor", "scrnaseq_protocol"]).concat().to_pandas()
+        assert (obs["donor"] == obs["scrnaseq_protocol"]).all()
+        norm = exp.ms["RNA"].X["norm"].read().tables().concat()
+        raw = exp.ms["RNA"].X["raw"].read().tables().concat()
+    assert len(norm) == len(raw) == sum(d.counts.nnz for d in project.samples.values())
+    with handle.open(serial=first) as exp:
+        assert "donor" not in exp.obs.schema.names and sorted(exp.ms["RNA"].X.keys()) == ["raw"]
+    result = invoke_cli("verify", "--deep", project.manifest)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert plan_doc(project)["schema_changes"] == []
+
+
+def read_state_of(project: Project):
+    from soma_manifest.api import load
+
+    return load(project.manifest).state
