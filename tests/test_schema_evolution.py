@@ -205,7 +205,18 @@ def test_reads_at_an_earlier_serial_see_the_columns_of_that_serial(project: Proj
         old = exp.obs.read().concat().to_pandas().set_index("obs_id").sort_index()
     assert old.columns.tolist() == before.columns.tolist()
     assert old.equals(before)
-    assert "donor" in obs_frame(project).columns and "pct_ribo" not in obs_frame(project).columns
+    now = obs_frame(project)
+    assert "donor" in now.columns and "pct_ribo" not in now.columns
+    # Consolidation would write the old fragments with the new schema, losing pct_ribo's values: compaction
+    # leaves obs as it is while an apply before its schema change is kept, and compacts the rest.
+    obs_fragments = sorted((project.atlas_uri / "obs" / "__fragments").iterdir())
+    result = invoke_cli("compact", project.manifest)
+    assert result.returncode == 0, result.stderr
+    assert sorted((project.atlas_uri / "obs" / "__fragments").iterdir()) == obs_fragments
+    assert len(fragments(project)) == 1, "X was not compacted"
+    with handle.open(serial=first) as exp:
+        assert exp.obs.read().concat().to_pandas().set_index("obs_id").sort_index().equals(before)
+    assert obs_frame(project).equals(now)
 
 
 def test_var_column_dropped_in_place(project: Project, own_schema: Path) -> None:

@@ -21,7 +21,13 @@ from soma_manifest.atlas.engine import READER_SETTINGS, TRUSTED_ORDER, context
 from soma_manifest.atlas.domains import Room, extend_var, read_var_ids, resize_obs, resize_samples, room
 from soma_manifest.atlas.edit import delete_obs_range, update_obs
 from soma_manifest.atlas.evolve import add_layer, drop_layer, evolve_columns, set_structure, write_layer
-from soma_manifest.atlas.fragments import array_uris, consolidate_array, delete_timestamps, fragment_count
+from soma_manifest.atlas.fragments import (
+    array_uris,
+    columns_dropped_since,
+    consolidate_array,
+    delete_timestamps,
+    fragment_count,
+)
 from soma_manifest.atlas.ingest import IngestStats, ingest_h5ad, ingest_sample
 from soma_manifest.atlas.layout import (
     LINEAGE_KEY,
