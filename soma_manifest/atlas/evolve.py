@@ -80,8 +80,14 @@ def write_layer(uri: str, schema: AtlasSchema, name: str, start: int, stop: int,
     cols = table["soma_dim_1"].to_numpy()
     # The layer's global order ((cell, gene), or (gene, cell) for a gene-optimized layer), so the write skips
     # TileDB's sort and its checks, as an ingest's does (engine.GLOBAL_ORDER, engine.x_writer_ctx).
-    order = np.lexsort((cols, rows) if layer.optimize == "cells" else (rows, cols))
-    rows, cols, data = rows[order], cols[order], table["soma_data"].to_numpy()[order]
+    # An unordered read of a consolidated or once-written range mostly comes in (cell, gene) order already:
+    # checking that is one pass, a sort of 7.8M entries took 1.2 s.
+    key = (rows - start) * (int(cols.max(initial=0)) + 1) + cols if layer.optimize == "cells" \
+        else cols * (stop - start) + (rows - start)
+    data = table["soma_data"].to_numpy()
+    if not bool(np.all(key[1:] > key[:-1])):
+        order = np.argsort(key, kind="stable")
+        rows, cols, data = rows[order], cols[order], data[order]
     totals = row_totals(rows - start, data, stop - start)[rows - start]
     values = data / totals * 1e4
     if layer.source == "log1p":
