@@ -3,9 +3,8 @@
 Samples and cells come from obs as each apply left it (TileDB time travel): a sample is `<study>/<sample>`,
 the obs_id prefix. Every ingest gets a fresh joinid range, so a sample present at both applies whose first
 joinid differs was replaced; `updated` (obs rewritten in place, same joinids) comes from the history entries
-between the two, as do schema changes (the conversion fingerprint each apply ran with). The schema's structure
-cannot change on an existing atlas (plan refuses), so a schema change is always one of conversion: every
-sample re-converted and replaced. Never reads X.
+between the two, as do schema changes (the conversion fingerprint each apply ran with; columns and layers added
+or dropped in place also change it, and the history entry names them under `schema changed`). Never reads X.
 """
 
 from __future__ import annotations
