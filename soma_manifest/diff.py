@@ -180,10 +180,14 @@ def _schema_changes(state: State, between: list[HistoryEntry]) -> list[SchemaCha
         prior = previous.get(entry.serial)
         if prior is None or not (prior.schema_conversion and entry.schema_conversion):
             continue
-        if prior.schema_conversion != entry.schema_conversion:
+        in_place = entry.changes.get("schema changed")
+        if in_place:
+            found.append(SchemaChange(entry.serial, f"schema changed in place: {', '.join(in_place)}"))
+        elif prior.schema_conversion != entry.schema_conversion:
             found.append(SchemaChange(entry.serial, "the schema's conversion changed (its sources, defaults, QC "
-                                                    "prefixes, feature types or genes): every sample was "
-                                                    "re-converted and replaced"))
+                                                    "prefixes, feature types or genes): samples were re-converted "
+                                                    "(replaced, or their obs rows rewritten when their counts "
+                                                    "stand)"))
     return found
 
 

@@ -118,6 +118,9 @@ def test_obs_columns_added_from_every_source_and_dropped_in_place(project: Proje
 
     apply_ok(project)
     assert fragments(project) == x_before, "X was rewritten"
+    diff = invoke_cli("diff", project.manifest)
+    assert "schema changed in place: +obs donor, +obs cell_type2, +obs barcode2, +obs n_genes, -obs pct_ribo" \
+        in diff.stdout, diff.stdout + diff.stderr
     after = obs_frame(project)
     assert "pct_ribo" not in after.columns
     assert (after["donor"] == before["scrnaseq_protocol"]).all()
