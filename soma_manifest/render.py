@@ -111,8 +111,8 @@ def plan_markdown(plan: Plan) -> str:
         out += [f"> **This plan deletes {cells:,} cells of {len(deleting)} removed sample(s)**: "
                 "apply it with `--allow-delete`.", ""]
     if plan.schema_changes:
-        out += ["#### schema changes (in place)", "", *[f"- `{_md(schema_change_line(c))}`" for c in plan.schema_changes],
-                ""]
+        lines = [f"- `{_md(schema_change_line(c))}`" for c in plan.schema_changes]
+        out += ["#### schema changes (in place)", "", *lines, ""]
     groups: dict[str, list[Action]] = {}
     for a in plan.actions:
         groups.setdefault(a.kind, []).append(a)

@@ -20,7 +20,6 @@ from conftest import (
     apply_ok,
     assert_converged,
     invoke_cli,
-    plan_actions,
     read_state,
 )
 from soma_manifest import atlas
