@@ -345,3 +345,35 @@ def read_state_of(project: Project):
     from soma_manifest.api import load
 
     return load(project.manifest).state
+
+
+def test_a_held_layer_write_of_a_dead_apply_cannot_outlast_the_next(project: Project, own_schema: Path,
+                                                                    dask_cluster) -> None:
+    """Fencing: a dead apply's layer writes, held after their lease check, land only after the next apply
+    removed their samples: stamped before it, they stay hidden under its deletes (the layer holds exactly the
+    remaining samples' entries). Two of the three samples are held; two are removed, so one held is."""
+    import signal
+
+    from test_dask import _apply_held_at, _release_held
+
+    edit(own_schema, RAW_LAYER, RAW_LAYER + "  - {name: norm, type: float32, source: normalized}\n")
+    run = _apply_held_at("write_layer_fenced", project, dask_cluster, "loky")
+    try:
+        assert len(dask_cluster.paused_pids(at_least=2)) == 2
+        run.proc.send_signal(signal.SIGKILL)
+        assert run.wait().returncode == -signal.SIGKILL
+        (dask_cluster.pause / "armed").unlink()
+        for study, sample in (("study_a", "s2"), ("study_b", "s1")):
+            shutil.rmtree(project.raw / study / "mtx" / sample)
+            del project.samples[f"{study}/{sample}"]
+        project.write_study_metadata("study_a")
+        project.write_manifest(schema=own_schema)  # study_b has no sample left: out of the manifest
+        apply_ok(project, "--allow-delete", "--executor", "loky")
+        _release_held(dask_cluster, "loky")
+        with soma.Experiment.open(str(project.atlas_uri), context=atlas.context()) as exp:
+            assert len(exp.ms["RNA"].X["norm"].read().tables().concat()) == project.samples["study_a/s1"].counts.nnz
+        got = layer_matrix(project, "study_a/s1", "norm")
+        assert abs(got - expected_layer(project.samples["study_a/s1"].counts, "normalized")).max() == 0
+        assert_converged(project)
+    finally:
+        run.kill_session()
