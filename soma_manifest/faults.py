@@ -11,8 +11,8 @@ With `:<n>` the process dies the n-th time it reaches the point (e.g. before_sta
 save), so that a kill can land in the middle of a run; counts are per process.
 
 SOMA_MANIFEST_PAUSE_AT=<point>[,<point>...]:<folder> holds a worker at a pause point (convert_start,
-ingest_start, write_obs_start: before the step checks its lease; write_obs_fenced: after an obs update's lease
-check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
+ingest_start, write_obs_start: before the step checks its lease; write_obs_fenced, write_layer_fenced: after an
+obs update's or a layer fill's lease check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
 `<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
 use it to keep a dead apply's step alive until a new apply has run.
 """
