@@ -303,8 +303,13 @@ def schema_changes(schema: AtlasSchema, state: State | None, schema_path: Locati
 
     Raises a located SchemaError for what cannot be made in place: a retyped column or layer, another gene
     universe or measurement name, or a state too old to say what its structure is."""
-    if state is None or not state.structure or state.structure == schema.structure:
+    if state is None or not state.structure:
         return ()
+    # A layer an interrupted apply added (not yet in the recorded structure), since taken out of the schema.
+    leftover = tuple(SchemaChange(kind="drop", what="layer", name=n, type="") for n in state.layer_fills
+                     if n not in schema.layer_fingerprints)
+    if state.structure == schema.structure:
+        return leftover
     before, after = state.structure_summary, schema.structure_summary()
     reused = [f"X layer {layer.name} added under the name of a layer dropped earlier: the dropped layer's array "
               "keeps that name for reads of earlier applies; choose another name" for layer in schema.layers
@@ -342,7 +347,7 @@ def schema_changes(schema: AtlasSchema, state: State | None, schema_path: Locati
     for section, what in (("obs", "obs"), ("var", "var"), ("layers", "layer")):
         changes += [SchemaChange(kind="drop", what=what, name=name, type=type_.split(" ")[0])
                     for name, type_ in old[section].items() if name not in new[section]]
-    return tuple(changes)
+    return tuple(changes) + tuple(c for c in leftover if c.name not in old["layers"])
 
 
 def _names(items: list[str]) -> dict[str, str]:

@@ -377,3 +377,17 @@ def test_a_held_layer_write_of_a_dead_apply_cannot_outlast_the_next(project: Pro
         assert_converged(project)
     finally:
         run.kill_session()
+
+
+def test_a_layer_left_half_built_then_taken_out_of_the_schema_is_dropped(project: Project, own_schema: Path) -> None:
+    from conftest import run_cli
+    from soma_manifest.faults import ENV as CRASH_AT
+
+    norm = "  - {name: norm, type: float32, source: normalized}\n"
+    edit(own_schema, RAW_LAYER, RAW_LAYER + norm)
+    assert run_cli("apply", str(project.manifest), env={CRASH_AT: "mid_layer_fill"}).returncode == -9
+    edit(own_schema, norm, "")
+    apply_ok(project)
+    state = read_state(project)
+    assert layers(project) == ["raw"] and state.layer_fills == {} and state.dropped_layers == ["norm"]
+    assert_converged(project)
