@@ -46,7 +46,12 @@ def compact(manifest: LoadedManifest, state: State) -> CompactionReport:
     crash_point("compact_started")
     for name, uri, purge, _ in work:
         before = atlas.fragment_count(uri)
-        if before > 1 or purge:
+        # Consolidation writes every cell with the array's latest schema: the values of a column dropped since the
+        # oldest kept apply would be lost for reads at it. Such an array waits until no kept apply predates the drop.
+        dropped = atlas.columns_dropped_since(uri, keep_from) if keep_from is not None else []
+        if dropped:
+            log.info("%s: not consolidated: kept applies still read its dropped column(s) %s", name, ", ".join(dropped))
+        elif before > 1 or purge:
             atlas.consolidate_array(uri, purge=purge)
             crash_point("compact_after_array")
         report.arrays.append(ArrayCompaction(name, before, atlas.fragment_count(uri), purge))

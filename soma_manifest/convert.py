@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from soma_manifest import genes, storage
 from soma_manifest.errors import SourceError
-from soma_manifest.h5ad import annotate, read_converted, write_h5ad
+from soma_manifest.h5ad import annotate, copy_with_obs, read_obs, write_h5ad
 from soma_manifest.readers import RawCounts, read_sample
 from soma_manifest.schema import AtlasSchema, ObsColumn
 from soma_manifest.sources import metadata_file
@@ -71,8 +71,10 @@ def convert_sample(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
     return convert_in_memory(job, schema)[0]
 
 
-def convert_in_memory(job: ConvertJob, schema: AtlasSchema) -> tuple[ConvertResult, ad.AnnData]:
-    """convert_sample, and the converted sample as written to its h5ad."""
+def convert_in_memory(job: ConvertJob, schema: AtlasSchema) -> tuple[ConvertResult, ad.AnnData | None]:
+    """convert_sample, and the converted sample as written to its h5ad (None for a metadata-only one)."""
+    if job.metadata_only:
+        return _rejoin_metadata(job, schema), None
     with _raw_on_disk(job) as local:
         adata, dropped, mapping = _convert(local, schema)
     with storage.staged_file(Location(job.h5ad_path)) as tmp:
@@ -113,15 +115,28 @@ def _raw_on_disk(job: ConvertJob) -> Iterator[ConvertJob]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _convert(job: ConvertJob, schema: AtlasSchema) -> tuple[ad.AnnData, int, GeneMapping | None]:
-    if job.metadata_only:
-        adata = read_converted(job.h5ad_path)
+def _rejoin_metadata(job: ConvertJob, schema: AtlasSchema) -> ConvertResult:
+    """Re-join the metadata onto the sample's existing h5ad: only its obs is read and rewritten (X and var stay
+    as they are). Also fills the columns added to the schema in place that need no raw data (computed ones are
+    planned with a full convert) and leaves out the columns dropped from it."""
+    with _raw_on_disk(job) as local_job, storage.local_file(job.h5ad_path) as h5ad_local:
+        obs, shape = read_obs(h5ad_local)
         prefix = f"{job.study}/{job.sample}/"
-        barcodes = np.array([i[len(prefix):] for i in adata.obs_names], dtype=object)
-        metadata = _metadata_columns(job, schema, barcodes, None)
-        for name, values in metadata.items():
-            adata.obs[name] = values
-        return adata, 0, None
+        barcodes = np.array([i[len(prefix):] for i in obs.index], dtype=object)
+        for name, values in _metadata_columns(local_job, schema, barcodes, None).items():
+            obs[name] = values
+        plain = {"barcode": barcodes, "sample": np.full(len(barcodes), job.sample, dtype=object),
+                 "study": np.full(len(barcodes), job.study, dtype=object)}
+        for col in schema.obs:
+            if col.source in plain:
+                obs[col.name] = _typed(plain[col.source], col)
+        obs = obs[[c.name for c in schema.obs]]
+        with storage.staged_file(Location(job.h5ad_path)) as tmp:
+            copy_with_obs(h5ad_local, tmp, obs)
+    return ConvertResult(job.key, job.h5ad_path, shape.cells, shape.nnz, shape.genes, 0, None, None)
+
+
+def _convert(job: ConvertJob, schema: AtlasSchema) -> tuple[ad.AnnData, int, GeneMapping | None]:
     raw = read_sample(job.format, Path(job.path))
     return _standardize(job, schema, raw)
 

@@ -3,9 +3,8 @@
 Samples and cells come from obs as each apply left it (TileDB time travel): a sample is `<study>/<sample>`,
 the obs_id prefix. Every ingest gets a fresh joinid range, so a sample present at both applies whose first
 joinid differs was replaced; `updated` (obs rewritten in place, same joinids) comes from the history entries
-between the two, as do schema changes (the conversion fingerprint each apply ran with). The schema's structure
-cannot change on an existing atlas (plan refuses), so a schema change is always one of conversion: every
-sample re-converted and replaced. Never reads X.
+between the two, as do schema changes (the conversion fingerprint each apply ran with; columns and layers added
+or dropped in place also change it, and the history entry names them under `schema changed`). Never reads X.
 """
 
 from __future__ import annotations
@@ -181,10 +180,14 @@ def _schema_changes(state: State, between: list[HistoryEntry]) -> list[SchemaCha
         prior = previous.get(entry.serial)
         if prior is None or not (prior.schema_conversion and entry.schema_conversion):
             continue
-        if prior.schema_conversion != entry.schema_conversion:
+        in_place = entry.changes.get("schema changed")
+        if in_place:
+            found.append(SchemaChange(entry.serial, f"schema changed in place: {', '.join(in_place)}"))
+        elif prior.schema_conversion != entry.schema_conversion:
             found.append(SchemaChange(entry.serial, "the schema's conversion changed (its sources, defaults, QC "
-                                                    "prefixes, feature types or genes): every sample was "
-                                                    "re-converted and replaced"))
+                                                    "prefixes, feature types or genes): samples were re-converted "
+                                                    "(replaced, or their obs rows rewritten when their counts "
+                                                    "stand)"))
     return found
 
 

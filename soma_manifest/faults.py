@@ -5,13 +5,14 @@ ingest has finished), worker_ingest_after_obs (a worker, between its obs and X w
 and inside the convert/ingest overlap: overlap_allocate (parent, ranges allocated for a batch of
 conversions while other samples still convert) and overlap_ingest (parent, an ingest finished while
 conversions still run); compact_started (the state marked pending, before any array), compact_after_array
-(after each consolidated array).
+(after each consolidated array); after_evolve (schema changes made in place, before the state records them)
+and mid_layer_fill (parent, after a layer added in place was computed for one sample and recorded).
 With `:<n>` the process dies the n-th time it reaches the point (e.g. before_state_replace:3, the third state
 save), so that a kill can land in the middle of a run; counts are per process.
 
 SOMA_MANIFEST_PAUSE_AT=<point>[,<point>...]:<folder> holds a worker at a pause point (convert_start,
-ingest_start, write_obs_start: before the step checks its lease; write_obs_fenced: after an obs update's lease
-check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
+ingest_start, write_obs_start: before the step checks its lease; write_obs_fenced, write_layer_fenced: after an
+obs update's or a layer fill's lease check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
 `<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
 use it to keep a dead apply's step alive until a new apply has run.
 """

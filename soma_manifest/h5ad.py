@@ -8,6 +8,7 @@ conversion it was made with and, for a fixed gene universe, the positions in var
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,10 +57,30 @@ def write_h5ad(adata: anndata.AnnData, path: str) -> None:
             f["X"].create_dataset(name, data=getattr(x, name))
 
 
-def read_converted(path: str) -> anndata.AnnData:
-    """The whole sample, as convert wrote it (a metadata-only re-conversion starts from it)."""
-    with storage.local_file(path) as local:
-        return anndata.read_h5ad(local)
+@dataclass(frozen=True)
+class Shape:
+    """A converted sample's size, from its h5ad's metadata (X is not read)."""
+
+    cells: int
+    nnz: int
+    genes: int
+
+
+def read_obs(path: str) -> tuple[pd.DataFrame, Shape]:
+    """A converted sample's obs and its size, without reading X (a local path)."""
+    with h5py.File(path, "r") as f:
+        obs = anndata.io.read_elem(f["obs"])
+        shape = tuple(f["X"].attrs["shape"])
+        return obs, Shape(int(shape[0]), int(f["X"]["indptr"][-1]), int(shape[1]))
+
+
+def copy_with_obs(source: str, target: str, obs: pd.DataFrame) -> None:
+    """Write `target` as a copy of the h5ad `source` whose obs is replaced by `obs` (same cells, same order):
+    a file copy and one small group, where reading and writing the whole sample rewrote X too."""
+    shutil.copyfile(source, target)
+    with h5py.File(target, "r+") as f:
+        del f["obs"]
+        anndata.io.write_elem(f, "obs", obs)
 
 
 @dataclass(frozen=True)

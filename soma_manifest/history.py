@@ -33,6 +33,8 @@ def record(manifest: LoadedManifest, plan: Plan, state: State, report: ApplyRepo
         if action.ingests and entry is not None:
             cells_added += entry.atlas_cells or 0
         cells_deleted += _cells_deleted(action)
+    if plan.schema_changes and not plan.create_atlas:  # made in place, before any sample step (apply/evolve.py)
+        changes["schema changed"] = [c.short for c in plan.schema_changes]
     if not changes and not report.created_atlas:
         return None
     finished = datetime.now(timezone.utc)

@@ -28,7 +28,7 @@ from soma_manifest.sources import (
     sample_files,
     stat_files,
 )
-from soma_manifest.state import FileStamp, State, StudyCache
+from soma_manifest.state import ConversionParts, FileStamp, State, StudyCache
 from soma_manifest.storage import Location
 
 PLAN_FORMAT_VERSION = 1
@@ -92,6 +92,25 @@ class Action(_Frozen):
 
 
 
+class SchemaChange(_Frozen):
+    """One change of the atlas' structure made in place (schema evolution), beside the per-sample actions.
+
+    `what` is obs, var or layer; `samples` and `entries` what filling it costs (None when nothing is written)."""
+
+    kind: Literal["add", "drop"]
+    what: Literal["obs", "var", "layer"]
+    name: str
+    type: str
+    detail: str = ""  # e.g. "from sample_metadata; default unknown", "from counts, optimize: genes"
+    samples: int | None = None
+    entries: int | None = None
+
+    @property
+    def short(self) -> str:
+        """`+obs donor`, `-layer log1p`: the change in a few characters (logs, history)."""
+        return f"{'+' if self.kind == 'add' else '-'}{self.what} {self.name}"
+
+
 class Summary(_Frozen):
     samples: int
     unchanged: int
@@ -118,13 +137,14 @@ class Plan(_Frozen):
     lineage: str | None
     serial: int | None
     create_atlas: bool
+    schema_changes: tuple[SchemaChange, ...] = ()
     actions: tuple[Action, ...]
     unchanged: tuple[str, ...]
     summary: Summary
 
     @property
     def has_changes(self) -> bool:
-        return self.create_atlas or bool(self.actions)
+        return self.create_atlas or bool(self.actions) or bool(self.schema_changes)
 
     @property
     def deletions(self) -> list[Action]:
@@ -135,6 +155,13 @@ class Plan(_Frozen):
     def worker_actions(self) -> list[Action]:
         """The samples with a step that runs on a worker (convert, ingest, obs update)."""
         return [a for a in self.actions if a.runs_on_workers]
+
+    @property
+    def worker_sizes(self) -> list[int]:
+        """The raw bytes of each sample with a step on a worker, and a 0 for each sample a layer added in place
+        is computed for (a worker step too): what sizes the worker pool."""
+        fills = sum(c.samples or 0 for c in self.schema_changes if c.what == "layer" and c.kind == "add")
+        return [a.raw_bytes for a in self.worker_actions] + [0] * fills
 
     def to_json(self) -> str:
         """The plan document of `plan --json` and `plan --out` (format: docs/gitops.md, schemas/plan.schema.json)."""
@@ -271,53 +298,117 @@ def atlas_present(uri: Location) -> bool:
     return group and storage.is_dir(uri / "__meta")
 
 
-def check_structure(schema: AtlasSchema, state: State | None, schema_path: Location) -> None:
-    """A schema whose array layout differs from the atlas' cannot be applied in place."""
-    if state is None or not state.structure or state.structure == schema.structure:
-        return
-    changes = _structure_changes(state.structure_summary, schema.structure_summary())
-    raise SchemaError(
-        f"the schema changes the atlas structure ({changes}); an existing atlas is never migrated in place",
-        where=schema_path,
-        hint="revert that part of the schema, or build a new atlas: give atlas.name a new name in the manifest "
-             "and apply (the old atlas stays untouched)",
-    )
+def schema_changes(schema: AtlasSchema, state: State | None, schema_path: Location) -> tuple[SchemaChange, ...]:
+    """The structure changes from the atlas' to the schema's, each made in place by apply (schema evolution).
+
+    Raises a located SchemaError for what cannot be made in place: a retyped column or layer, another gene
+    universe or measurement name, or a state too old to say what its structure is."""
+    if state is None or not state.structure:
+        return ()
+    # A layer an interrupted apply added (not yet in the recorded structure), since taken out of the schema.
+    leftover = tuple(SchemaChange(kind="drop", what="layer", name=n, type="") for n in state.layer_fills
+                     if n not in schema.layer_fingerprints)
+    if state.structure == schema.structure:
+        return leftover
+    before, after = state.structure_summary, schema.structure_summary()
+    reused = [f"X layer {layer.name} added under the name of a layer dropped earlier: the dropped layer's array "
+              "keeps that name for reads of earlier applies; choose another name" for layer in schema.layers
+              if layer.name in state.dropped_layers and layer.name not in _names(before.get("layers", []))]
+    refused = "; ".join(filter(None, [_refused_changes(before, after, schema), *reused]))
+    if refused:
+        raise SchemaError(
+            f"the schema changes the atlas structure in a way that cannot be made in place ({refused})",
+            where=schema_path,
+            hint="revert that part of the schema, or build a new atlas: give atlas.name a new name in the manifest "
+                 "and apply (the old atlas stays untouched). Columns and layers can be added or dropped in place; "
+                 "see README, \"Changing the schema of an existing atlas\"",
+        )
+    in_atlas = [s for s in state.samples.values() if s.ingest == "done"]
+    samples = len(in_atlas)
+    old = {section: _names(before.get(section, [])) for section in ("obs", "var", "layers")}
+    changes: list[SchemaChange] = []
+    for col in schema.obs:
+        if col.name not in old["obs"]:
+            detail = f"from {col.source}" + (f" {col.computed}" if col.source == "computed" else "") \
+                + (f" column {col.metadata_column}" if col.from_ else "") \
+                + (f"; default {col.default}" if col.default is not None else "")
+            changes.append(SchemaChange(kind="add", what="obs", name=col.name, type=col.type, detail=detail,
+                                        samples=samples))
+    for layer in schema.layers:
+        if layer.name not in old["layers"]:
+            fill = state.layer_fills.get(layer.name)
+            todo = [state.samples[k] for k in fill.todo if k in state.samples] if fill is not None else in_atlas
+            detail = "from counts" + (", normalized" if layer.source == "normalized" else "") \
+                + (", log1p" if layer.source == "log1p" else "") + f"; optimize: {layer.optimize}"
+            changes.append(SchemaChange(kind="add", what="layer", name=layer.name, type=layer.type, detail=detail,
+                                        samples=len(todo), entries=sum(s.atlas_nnz or 0 for s in todo)))
+    new = {"obs": {c.name for c in schema.obs}, "var": {c.name for c in schema.var},
+           "layers": {layer.name for layer in schema.layers}}
+    for section, what in (("obs", "obs"), ("var", "var"), ("layers", "layer")):
+        changes += [SchemaChange(kind="drop", what=what, name=name, type=type_.split(" ")[0])
+                    for name, type_ in old[section].items() if name not in new[section]]
+    return tuple(changes) + tuple(c for c in leftover if c.name not in old["layers"])
+
+
+def _names(items: list[str]) -> dict[str, str]:
+    """{"name": "type"} of a structure summary section ("name:type" items)."""
+    return dict(item.rpartition(":")[::2] for item in items)
+
+
+def _refused_changes(before: dict[str, list[str]], after: dict[str, list[str]], schema: AtlasSchema) -> str:
+    """The structure changes that cannot be made in place, in words ("" when every change can)."""
+    if not before:  # a state written before summaries were kept
+        return "the state does not record the atlas' structure (it was made by an older soma-manifest)"
+    refused = []
+    for section, why in (("genes", "the gene universe decides how var and X are laid out"),
+                         ("measurement", "the measurement's name is part of every X and var path")):
+        if before.get(section) != after.get(section):
+            refused.append(f"{_SECTIONS[section]} {', '.join(before.get(section, []))} -> "
+                           f"{', '.join(after.get(section, []))}: {why}")
+    for section in ("obs", "var", "layers"):
+        old, new = _names(before.get(section, [])), _names(after.get(section, []))
+        refused += [f"{_SECTIONS[section]} {n} retyped from {old[n]} to {t}: TileDB cannot change a column's type; "
+                    "add it under a new name and drop the old one" for n, t in new.items() if n in old and old[n] != t]
+    refused += [f"var column {n} added: its values come from every sample's raw features, which an atlas does not "
+                "keep; adding it in place is not supported yet" for n in _names(after.get("var", []))
+                if n not in _names(before.get("var", []))]
+    counts = {layer.name for layer in schema.layers if layer.source == "counts"}
+    refused += [f"X layer {n} added with source counts: the atlas' counts are in its existing counts layer"
+                for n in counts if n not in _names(before.get("layers", []))]
+    return "; ".join(refused)
 
 
 _SECTIONS = {"obs": "obs column", "var": "var column", "layers": "X layer", "genes": "gene universe",
              "measurement": "measurement"}
 
 
-def _structure_changes(before: dict[str, list[str]], after: dict[str, list[str]]) -> str:
-    """What differs between two structure summaries ("name:type" items per section), in words."""
-    if not before:  # a state written before summaries were kept
-        return "obs/var columns, their types, X layers, measurement or gene universe"
-    changes = []
-    for section, label in _SECTIONS.items():
-        old = dict(item.rpartition(":")[::2] for item in before.get(section, []))
-        new = dict(item.rpartition(":")[::2] for item in after.get(section, []))
-        if section in ("genes", "measurement"):
-            if before.get(section) != after.get(section):
-                changes.append(f"{label} {', '.join(before.get(section, []))} -> {', '.join(after.get(section, []))}")
-            continue
-        found = [f"{label} {n} ({t}) added" for n, t in new.items() if n not in old]
-        found += [f"{label} {n} ({t}) removed" for n, t in old.items() if n not in new]
-        found += [f"{label} {n} retyped from {old[n]} to {t}" for n, t in new.items() if n in old and old[n] != t]
-        if not found and list(old) != list(new):
-            found.append(f"{label}s reordered")
-        changes += found
-    return "; ".join(changes) or "the array layout"
+def conversion_parts(schema: AtlasSchema) -> ConversionParts:
+    """The parts of the schema's conversion fingerprint (recorded in the state by every apply)."""
+    return ConversionParts(matrix=schema.matrix, obs=schema.obs_fingerprints,
+                           var=schema.var_fingerprints, layers=schema.layer_fingerprints)
+
+
+def in_place(parts: ConversionParts | None, schema: AtlasSchema) -> bool:
+    """Whether a sample the atlas holds as of `parts` holds the schema's counts, var values and common layers:
+    then a schema change reaches it in place (an obs rewrite at most), without a new X."""
+    if parts is None or parts.matrix != schema.matrix:
+        return False
+    now = schema.layer_fingerprints, schema.var_fingerprints
+    return all(parts.layers[n] == d for n, d in now[0].items() if n in parts.layers) and \
+        all(parts.var[n] == d for n, d in now[1].items() if n in parts.var)
 
 
 def make_plan(manifest: LoadedManifest, schema: AtlasSchema, observations: Observations,
               state: State | None, atlas_present: bool) -> Plan:
-    """Pure: diff the desired samples against the state."""
-    check_structure(schema, state, manifest.schema_path)
+    """Pure: diff the desired samples against the state, and the schema's structure against the atlas'."""
+    changes = schema_changes(schema, state, manifest.schema_path)
     samples = state.samples if state else {}
+    parts = state.conversions if state else {}
     actions: list[Action] = []
     unchanged: list[str] = []
     for key, obs in observations.samples.items():
-        action = _sample_action(obs, samples.get(key), schema)
+        prev = samples.get(key)
+        action = _sample_action(obs, prev, schema, parts.get(prev.atlas_conversion) if prev else None)
         if action is None:
             unchanged.append(key)
         else:
@@ -342,13 +433,19 @@ def make_plan(manifest: LoadedManifest, schema: AtlasSchema, observations: Obser
         lineage=state.lineage if state else None,
         serial=state.serial if state else None,
         create_atlas=not atlas_present,
+        schema_changes=changes,
         actions=tuple(actions),
         unchanged=tuple(sorted(unchanged)),
         summary=_summarize(actions, len(observations.samples), len(unchanged)),
     )
 
 
-def _sample_action(obs: Observed, prev, schema: AtlasSchema) -> Action | None:
+def check_structure(schema: AtlasSchema, state: State | None, schema_path: Location) -> None:
+    """Raise the located SchemaError of a structure change that cannot be made in place (see schema_changes)."""
+    schema_changes(schema, state, schema_path)
+
+
+def _sample_action(obs: Observed, prev, schema: AtlasSchema, parts: ConversionParts | None) -> Action | None:
     src = obs.source
     base = dict(key=src.key, study=src.study, sample=src.sample, format=src.format, path=str(src.path),
                 raw_digest=obs.raw_digest, meta_digest=obs.meta_digest, raw_files=obs.files)
@@ -370,6 +467,9 @@ def _sample_action(obs: Observed, prev, schema: AtlasSchema) -> Action | None:
     if prev.ingest == "none":
         reason = "converted but not ingested" if h5ad_current else "not converted yet (interrupted or h5ad missing)"
         return Action(kind="ingest", reason=reason, steps=steps, **known, **base)
+    if (prev.atlas_raw_digest == obs.raw_digest and prev.atlas_conversion != schema.conversion
+            and in_place(parts, schema)):
+        return _in_place_update(obs, prev, schema, parts, base)
     if prev.atlas_raw_digest != obs.raw_digest or prev.atlas_conversion != schema.conversion:
         why = (_changed_files(prev.raw_files, obs.files) if prev.atlas_raw_digest != obs.raw_digest
                else "schema conversion changed")
@@ -393,6 +493,28 @@ def _sample_action(obs: Observed, prev, schema: AtlasSchema) -> Action | None:
         return Action(kind="update", reason="its h5ad is of another version (left by an interrupted run)",
                       steps=("convert", "write_obs"), cells=prev.atlas_cells, nnz=prev.atlas_nnz, **base)
     return None
+
+
+def _in_place_update(obs: Observed, prev, schema: AtlasSchema, parts: ConversionParts, base: dict
+                     ) -> Action | None:
+    """The schema changed, not the sample's counts: its obs rows are rewritten if a column was added or redefined
+    (or its metadata changed meanwhile); a change of layers or var columns, or obs columns dropped, is made by
+    apply for the whole atlas (None: no action of its own)."""
+    redefined = [n for n, d in schema.obs_fingerprints.items() if parts.obs.get(n) != d]
+    if not redefined and prev.atlas_meta_digest == obs.meta_digest and not prev.obs_pending:
+        return None
+    # Obs rows are re-joined onto the h5ad the atlas holds when its computed (QC) columns stand; else the raw
+    # data is read again for them. Either way X is not written.
+    computed_stand = all(parts.obs.get(c.name) == schema.obs_fingerprints[c.name]
+                         for c in schema.obs if c.source == "computed")
+    cheap = (computed_stand and obs.h5ad_present and prev.converted
+             and obs.source.format != "h5ad" and prev.raw_digest == obs.raw_digest
+             and prev.conversion == prev.atlas_conversion)
+    why = (f"obs column{'s' if len(redefined) > 1 else ''} {', '.join(redefined)} added or redefined"
+           if redefined else "cell or sample metadata changed")
+    return Action(kind="update", reason=f"{why} (X unchanged: obs rows rewritten in place)",
+                  steps=("convert_metadata" if cheap else "convert", "write_obs"),
+                  cells=prev.atlas_cells, nnz=prev.atlas_nnz, **base)
 
 
 def _changed_files(before: list[FileStamp], after: tuple[FileStamp, ...]) -> str:

@@ -6,7 +6,7 @@ import json
 
 from rich.markup import escape
 
-from soma_manifest.plan import KINDS, PLAN_FORMAT_VERSION, Action, Plan
+from soma_manifest.plan import KINDS, PLAN_FORMAT_VERSION, Action, Plan, SchemaChange
 from soma_manifest.state import State
 
 _STYLE = {"add": "green", "replace": "yellow", "update": "cyan", "ingest": "green", "resume": "magenta",
@@ -27,11 +27,35 @@ def _cells(action: Action) -> str:
     return ", ".join(parts)
 
 
+def schema_change_line(change: SchemaChange) -> str:
+    """`+ obs column donor (string, from sample_metadata; default unknown): filled for 1,234 samples`."""
+    label = {"obs": "obs column", "var": "var column", "layer": "layer"}[change.what]
+    if change.kind == "drop":
+        return f"- {label} {change.name}"
+    cost = ""
+    if change.what == "obs":
+        cost = f": filled for {change.samples:,} samples"
+    elif change.what == "layer":
+        cost = f": computed for {change.samples:,} samples, {_count(change.entries or 0)} entries"
+    return f"+ {label} {change.name} ({change.type}, {change.detail}){cost}"
+
+
+def _count(n: int) -> str:
+    """1.2B, 3.4M, 12,345: an entry count at a glance."""
+    for size, unit in ((10**9, "B"), (10**6, "M")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:,}"
+
+
 def summary_line(plan: Plan) -> str:
     s = plan.summary
     if not plan.has_changes:
         return f"No changes. {s.samples} samples, all up to date."
     counts = ", ".join(f"{n} {_VERB[k]}" for k, n in s.actions.items())
+    if plan.schema_changes:
+        n = len(plan.schema_changes)
+        counts = f"{n} schema change{'s' if n > 1 else ''} in place" + (f", {counts}" if counts else "")
     created = "create the atlas; " if plan.create_atlas else ""
     cells = f"; {s.cells_deleted:,} cells deleted" if s.cells_deleted else ""
     return f"Plan: {created}{counts}; {s.unchanged} unchanged; {s.steps} steps{cells}."
@@ -51,6 +75,8 @@ def plan_text(plan: Plan, *, verbose: bool = False, state: State | None = None) 
              f"  atlas {escape(plan.atlas)} (state serial {plan.serial if plan.serial is not None else 'none'})", ""]
     if plan.create_atlas:
         lines.append(f"  [green]+ create atlas[/] {escape(plan.atlas)}")
+    for change in plan.schema_changes:
+        lines.append(f"  [{'green' if change.kind == 'add' else 'red'}]{escape(schema_change_line(change))}[/]")
     width = max((len(a.key) for a in plan.actions), default=0)
     for a in plan.actions:
         style = _STYLE[a.kind]
@@ -65,7 +91,7 @@ def plan_text(plan: Plan, *, verbose: bool = False, state: State | None = None) 
         for key in plan.unchanged:
             lines.append(f"  [dim]  = {escape(key)}  up to date[/]")
             lines += _genes(state, key)
-    if plan.actions or plan.create_atlas:
+    if plan.actions or plan.create_atlas or plan.schema_changes:
         lines.append("")
     lines.append(f"[bold]{summary_line(plan)}[/]")
     if plan.deletions:
@@ -83,6 +109,9 @@ def plan_markdown(plan: Plan) -> str:
         cells = sum(a.cells or 0 for a in deleting)
         out += [f"> **This plan deletes {cells:,} cells of {len(deleting)} removed sample(s)**: "
                 "apply it with `--allow-delete`.", ""]
+    if plan.schema_changes:
+        lines = [f"- `{_md(schema_change_line(c))}`" for c in plan.schema_changes]
+        out += ["#### schema changes (in place)", "", *lines, ""]
     groups: dict[str, list[Action]] = {}
     for a in plan.actions:
         groups.setdefault(a.kind, []).append(a)

@@ -200,6 +200,36 @@ class AtlasSchema(_Frozen):
             "qc": self.qc.model_dump(),
         })
 
+    @cached_property
+    def matrix(self) -> str:
+        """Fingerprint of how a sample's counts are made: the conversion without the obs columns, QC settings,
+        var columns and X layers. A sample converted with the same one holds the same counts, so a change of
+        those is made in place (schema evolution) instead of re-ingesting it."""
+        return _digest({
+            "genes": self.genes.model_dump(exclude={"reference", "unmapped"}),
+            **({"gene_reference": [self.gene_reference_digest, self.genes.unmapped_policy]}
+               if self.genes.reference else {}),
+            "gene_list": self.gene_list_digest,
+        })
+
+    @cached_property
+    def obs_fingerprints(self) -> dict[str, str]:
+        """Each obs column's definition (source, default, ...), by name; pct_mito and pct_ribo with the QC prefixes
+        they count, so a prefix change redefines them alone."""
+        prefixes = {"pct_mito": self.qc.mito_prefixes, "pct_ribo": self.qc.ribo_prefixes}
+        return {c.name: _digest([c.model_dump(by_alias=True),
+                                 prefixes.get(c.computed) if c.source == "computed" else None]) for c in self.obs}
+
+    @cached_property
+    def var_fingerprints(self) -> dict[str, str]:
+        """Each var column's definition, by name."""
+        return {c.name: _digest(c.model_dump()) for c in self.var}
+
+    @cached_property
+    def layer_fingerprints(self) -> dict[str, str]:
+        """Each X layer's definition, by name: a layer whose definition is unchanged holds the right values."""
+        return {layer.name: _digest(layer.model_dump()) for layer in self.layers}
+
     def structure_summary(self) -> dict[str, list[str]]:
         """Human-readable structure, for the message that refuses a structure change."""
         return {

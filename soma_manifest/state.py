@@ -143,13 +143,41 @@ class SampleState(_Model):
         self.obs_pending = True
 
     def mark_metadata_written(self) -> None:
-        """The atlas' obs rows of the sample now hold its h5ad's metadata."""
+        """The atlas' obs rows of the sample now hold its h5ad's metadata. Its X already held the h5ad's counts
+        (an obs update is planned only then), so the atlas now holds the h5ad's conversion too."""
         self.atlas_meta_digest = self.meta_digest
+        self.atlas_conversion = self.conversion
         self.obs_pending = False
         self.failed_step = self.error = None
 
+    def mark_restamped(self, conversion: str) -> None:
+        """A schema change that alters neither its counts nor its obs rows (a layer or var column added or
+        dropped) was made in place: the atlas, and its h5ad if it held the same, now count as of `conversion`."""
+        if self.conversion == self.atlas_conversion:
+            self.conversion = conversion
+        self.atlas_conversion = conversion
+
     def mark_failed(self, step: str, error: str) -> None:
         self.failed_step, self.error = step, error
+
+
+class ConversionParts(_Model):
+    """What a conversion fingerprint is made of (AtlasSchema.matrix, obs_fingerprints, ...): whether a sample
+    converted with one holds the counts of another, so that a schema change can be made in place."""
+
+    matrix: str
+    obs: dict[str, str]
+    var: dict[str, str]
+    layers: dict[str, str]
+
+
+class LayerFill(_Model):
+    """An X layer added to an existing atlas, computed from the counts sample by sample (schema evolution).
+    Recorded, and saved, before the layer is created: the next apply fills what this one did not. A fill is
+    idempotent (the same values from the same counts), so one a dead apply had begun is simply written again,
+    later; one of a sample replaced meanwhile is not needed (its new range was ingested with every layer)."""
+
+    todo: dict[str, int] = Field(default_factory=dict)  # sample key -> the obs joinid its range started at
 
 
 class StudyCache(_Model):
@@ -201,6 +229,12 @@ class State(_Model):
     history: list[HistoryEntry] = Field(default_factory=list)  # states written before history load with none
     compaction: CompactionState = Field(default_factory=CompactionState)
     tags: dict[str, int] = Field(default_factory=dict)  # release tag -> history serial; kept readable (tags.py)
+    # Schema evolution: the parts of each conversion fingerprint an apply ran with (plan's in-place test), and
+    # the layers added in place whose samples are not all computed yet. `structure` changes once none is left.
+    conversions: dict[str, ConversionParts] = Field(default_factory=dict)
+    layer_fills: dict[str, LayerFill] = Field(default_factory=dict)
+    # Layers dropped in place: their arrays stay (reads at earlier serials), so their names are not reused.
+    dropped_layers: list[str] = Field(default_factory=list)
 
     def allocate(self, n: int) -> tuple[int, int]:
         """A fresh joinid range; ranges are never reused, so a crash cannot mix two samples."""

@@ -116,3 +116,15 @@ def write_obs_step(lease: Lease, key: str, uri: str, schema: AtlasSchema, h5ad: 
         return range_stats(uri, schema, [(start, start + cells)])[0]
 
     return _run(key, "write_obs", lease, write_obs)
+
+
+def write_layer_step(lease: Lease, key: str, uri: str, schema: AtlasSchema, layer: str, start: int,
+                     stop: int) -> Outcome:
+    """Compute an X layer added in place for the sample's cells, from the counts the atlas holds; the value
+    is (the layer, the entries written)."""
+    from soma_manifest.atlas import write_layer
+
+    def write(check: Callable[[], None]) -> tuple[str, int]:
+        return layer, write_layer(uri, schema, layer, start, stop, fence=check)
+
+    return _run(key, "write_layer", lease, write)

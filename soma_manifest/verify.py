@@ -210,6 +210,11 @@ def _compare_with_h5ad(uri: str, schema: AtlasSchema, key: str, s) -> list[str]:
     problems = []
     if (got_x != expected_x).nnz:
         problems.append(f"{key}: X counts in the atlas differ from its h5ad")
+    for layer in schema.layers:
+        if layer.source != "counts":
+            have, want = sp.csr_matrix(got.layers[layer.name]), _derived(expected_x, layer.source, layer.type)
+            if have.shape != want.shape or (have != want).nnz:
+                problems.append(f"{key}: X layer '{layer.name}' differs from its counts ({layer.source})")
     for col in schema.obs:
         a = got.obs[col.name].to_numpy()
         b = expected.obs[col.name].to_numpy()
@@ -220,3 +225,16 @@ def _compare_with_h5ad(uri: str, schema: AtlasSchema, key: str, s) -> list[str]:
         if not same:
             problems.append(f"{key}: obs column '{col.name}' differs from its h5ad")
     return problems
+
+
+def _derived(counts: sp.csr_matrix, source: str, dtype: str) -> sp.csr_matrix:
+    """The values a derived layer must hold for these counts: per 10k of each cell's total (as float64, as
+    ingest and a layer added in place compute them), and their log1p for a log1p layer."""
+    counts = sp.csr_matrix(counts)
+    counts.sum_duplicates()
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    totals = np.maximum(np.bincount(rows, weights=counts.data, minlength=counts.shape[0]), 1)
+    values = counts.data / totals[rows] * 1e4
+    if source == "log1p":
+        values = np.log1p(values)
+    return sp.csr_matrix((values.astype(dtype), counts.indices, counts.indptr), shape=counts.shape)

@@ -23,7 +23,6 @@ from conftest import (
     write_mtx,
 )
 
-PCT_RIBO = "  - {name: pct_ribo, type: float32, source: computed}\n"
 RAW_LAYER = "  - {name: raw, type: int32, source: counts}\n"
 NORM_LAYER = "  - {name: norm, type: float32, source: normalized}\n"
 
@@ -189,23 +188,27 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-@pytest.mark.parametrize(("old", "new", "column", "changes"), [
-    # A computed column counts other genes.
-    ('mito_prefixes: ["MT-", "mt-"]', 'mito_prefixes: ["GENE1"]', "pct_mito", "values"),
-    # A metadata column is mapped from another metadata field.
+@pytest.mark.parametrize(("old", "new", "column", "changes", "steps"), [
+    # A computed column counts other genes: the raw data is read again for it, X is not rewritten.
+    ('mito_prefixes: ["MT-", "mt-"]', 'mito_prefixes: ["GENE1"]', "pct_mito", "values", ("convert", "write_obs")),
+    # A metadata column is mapped from another metadata field: re-joined onto the h5ad.
     ("{name: cell_type, type: string, source: cell_metadata,", "{name: cell_type, type: string, "
-     "source: cell_metadata, from: sample_name,", "cell_type", "sample names"),
+     "source: cell_metadata, from: sample_name,", "cell_type", "sample names", ("convert_metadata", "write_obs")),
 ], ids=["computed column", "metadata mapping"])
-def test_conversion_change_reconverts_and_replaces(project: Project, own_schema: Path, old: str, new: str,
-                                                   column: str, changes: str) -> None:
+def test_obs_conversion_change_rewrites_obs_in_place(project: Project, own_schema: Path, old: str, new: str,
+                                                     column: str, changes: str, steps: tuple[str, ...]) -> None:
+    """A conversion change that leaves the counts as they are (QC settings, a column's source) rewrites every
+    sample's obs rows in place: X's fragments stay those of the first apply (issue #24)."""
     before = {key: obs_column(project, key, column) for key in project.samples}
+    fragments = x_fragments(project)
     edit(own_schema, old, new)
     actions = plan_actions(project)
     assert set(actions) == set(project.samples)
-    assert {(a["kind"], a["reason"], tuple(a["steps"])) for a in actions.values()} == \
-        {("replace", "schema conversion changed", ("convert", "ingest"))}
+    assert {(a["kind"], tuple(a["steps"]), a["delete_range"]) for a in actions.values()} == {("update", steps, None)}
+    assert all(f"obs column {column} added or redefined" in a["reason"] for a in actions.values())
 
     apply_ok(project)
+    assert x_fragments(project) == fragments, "X was rewritten"
     for key in project.samples:
         after = obs_column(project, key, column)
         assert after != before[key]
@@ -215,14 +218,23 @@ def test_conversion_change_reconverts_and_replaces(project: Project, own_schema:
     assert_converged(project, cell_types)
 
 
+def test_counts_conversion_change_reconverts_and_replaces(project: Project, own_schema: Path) -> None:
+    """A conversion change that may alter the counts (which features enter the measurement) replaces X."""
+    edit(own_schema, 'feature_types: ["Gene Expression"]', 'feature_types: ["Gene Expression", "Peaks"]')
+    actions = plan_actions(project)
+    assert {(a["kind"], a["reason"], tuple(a["steps"])) for a in actions.values()} == \
+        {("replace", "schema conversion changed", ("convert", "ingest"))}
+    apply_ok(project)
+    assert_converged(project)
 
 
 @pytest.mark.parametrize(("old", "new", "named"), [
-    (PCT_RIBO, PCT_RIBO + "  - {name: n_genes, type: int64, source: computed}\n", "obs column n_genes (int64) added"),
-    (PCT_RIBO, "", "obs column pct_ribo (float32) removed"),
     ("{name: nnz, type: int64", "{name: nnz, type: int32", "obs column nnz retyped from int64 to int32"),
-    (RAW_LAYER, RAW_LAYER + NORM_LAYER, "X layer norm (float32) added"),
-], ids=["new column", "removed column", "retyped column", "new layer"])
+    ("measurement: RNA", "measurement: RNA2", "measurement RNA -> RNA2"),
+    ("{name: gene_symbol, type: string, source: feature_name}\n",
+     "{name: gene_symbol, type: string, source: feature_name}\n  - {name: ftype, source: feature_type}\n",
+     "var column ftype added"),
+], ids=["retyped column", "renamed measurement", "new var column"])
 def test_structure_change_is_refused(project: Project, own_schema: Path, old: str, new: str, named: str) -> None:
     state_bytes = project.state_path.read_bytes()
     edit(own_schema, old, new)
@@ -230,7 +242,7 @@ def test_structure_change_is_refused(project: Project, own_schema: Path, old: st
         result = invoke_cli(command, project.manifest)
         assert result.returncode == 1
         message = result.stderr
-        assert "changes the atlas structure" in message and named in message, message
+        assert "cannot be made in place" in message and named in message, message
         assert "new atlas" in message and "atlas.name" in message
     assert project.state_path.read_bytes() == state_bytes
     assert_atlas_holds(project.atlas_uri, project.samples)

@@ -162,7 +162,7 @@ class Atlas(Reads, Releases):
             swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
             current, observations, state = self._plan()
             config = self._executor_config(processes, executor, scheduler, current)
-            if current.worker_actions and (allow_delete or not current.deletions):
+            if current.worker_sizes and (allow_delete or not current.deletions):
                 # (not for an apply that will be refused, or that runs nothing on workers)
                 warm_up(config)  # the workers import the storage engine while this process does (below)
             from soma_manifest import compact
@@ -199,7 +199,7 @@ class Atlas(Reads, Releases):
         address = scheduler or (block.address if chosen == "dask" else None)
         workers = processes or self.manifest.spec.processes or os.cpu_count() or 1
         if chosen == "loky":
-            return on_this_machine(workers, [a.raw_bytes for a in plan.worker_actions])
+            return on_this_machine(workers, plan.worker_sizes)
         return ExecutorConfig(chosen, address, workers)
 
 

@@ -10,6 +10,7 @@ import logging
 import time
 
 from soma_manifest import atlas, compact, genes, storage
+from soma_manifest.apply import evolve
 from soma_manifest.apply.deletes import forget_removed
 from soma_manifest.apply.pipeline import Pipeline
 from soma_manifest.apply.run import DEFAULT_CHUNK_NNZ, DEFAULT_GRACE_S, Run
@@ -40,10 +41,12 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
        folder, an unreachable executor. Then open the run log (runlog.py).
     1. Record the metadata digests and the new stats of touched but unchanged files.
     2. Create the atlas, if the plan says so (the state, with its lineage, is saved first).
-    3. Take removed samples out of the state; their ranges become orphans (deletes.py).
+    3. Take removed samples out of the state; their ranges become orphans (deletes.py). Make the plan's schema
+       changes in place: columns added or dropped, layers created or dropped (evolve.py).
     4. Convert on the workers and, as conversions arrive, allocate ranges, extend var, grow the domains
        (allocation.py), delete the orphans (deletes.py) and ingest or update obs on the workers, with no
-       barrier between converting and ingesting (pipeline.py).
+       barrier between converting and ingesting (pipeline.py). Then compute the layers added in place for the
+       samples the atlas held, and record the new structure once complete (evolve.py).
     5. Check what the run touched (verify.quick_verify).
     6. Record the apply in the history, then compact if due (compact.after_apply).
     7. Write logs/last-apply.json (runlog.py).
@@ -78,7 +81,9 @@ def execute(manifest: LoadedManifest, schema: AtlasSchema, plan: Plan, observati
                 if plan.create_atlas:
                     _create(run)
                 forget_removed(run, plan)
+                evolve.prepare(run, plan)
                 Pipeline(run, plan).drive()
+                evolve.finish(run)
             else:
                 run.report.interrupted = run.interrupt.signum
             quick_verify(run.uri, schema, state, run.report, run.checked)

@@ -9,6 +9,7 @@ those listed before it:
 - `samples`: the samples table and the feature presence matrix
 - `chunks`: X chunks in TileDB's global order, checked where TileDB is told not to check
 - `ingest`: writing a sample's cells; `edit`: deleting a range, rewriting obs
+- `evolve`: schema evolution in place (columns and layers added or dropped, a new layer computed per sample)
 - `read`: reading as a user does; `fragments`: counting and consolidating fragments (compaction)
 
 The names below are the package's interface: `from soma_manifest import atlas; atlas.ingest_sample(...)`.
@@ -19,7 +20,14 @@ from soma_manifest.atlas.clock import settled_timestamp
 from soma_manifest.atlas.engine import READER_SETTINGS, TRUSTED_ORDER, context
 from soma_manifest.atlas.domains import Room, extend_var, read_var_ids, resize_obs, resize_samples, room
 from soma_manifest.atlas.edit import delete_obs_range, update_obs
-from soma_manifest.atlas.fragments import array_uris, consolidate_array, delete_timestamps, fragment_count
+from soma_manifest.atlas.evolve import add_layer, drop_layer, evolve_columns, set_structure, write_layer
+from soma_manifest.atlas.fragments import (
+    array_uris,
+    columns_dropped_since,
+    consolidate_array,
+    delete_timestamps,
+    fragment_count,
+)
 from soma_manifest.atlas.ingest import IngestStats, ingest_h5ad, ingest_sample
 from soma_manifest.atlas.layout import (
     LINEAGE_KEY,

@@ -111,3 +111,18 @@ def consolidate_and_vacuum(array_uri: str, *, purge: bool) -> None:
                              "consolidate_and_vacuum)", where=array_uri,
                              hint="use the tiledbsoma version soma-manifest is tested with (pyproject.toml)")
         consolidate(["fragments"])
+
+
+#: Arrow format strings of the column types the schema allows, as TileDB-SOMA's schema evolution takes them.
+_ARROW_FORMAT = {"string": "U", "bool": "b", "int32": "i", "int64": "l", "float32": "f", "float64": "g"}
+
+
+def evolve_dataframe(df_uri: str, *, add: Mapping[str, str], drop: list[str]) -> None:
+    """Add columns (name -> schema column type) to a DataFrame and drop others, in place (TileDB schema
+    evolution). The public `tiledbsoma.io.update_obs`/`update_var` do the same through this private handle
+    method but also rewrite the whole DataFrame and require its joinids to be exactly [0, n), which an atlas
+    with deleted samples never has. TileDB stamps the new schema with the wall clock (not the open's
+    timestamp); an open at an earlier timestamp reads with the schema of that time (see README, "Changing
+    the schema of an existing atlas")."""
+    with soma.DataFrame.open(df_uri, "w", context=ctx()) as df:
+        df._handle._update_dataframe_schema(list(drop), {name: _ARROW_FORMAT[t] for name, t in add.items()}, {})

@@ -48,6 +48,20 @@ def delete_timestamps(array_uri: str) -> list[int]:
     return sorted(int(name.lstrip("_").split("_")[1]) for name in names)
 
 
+def columns_dropped_since(array_uri: str, timestamp: int) -> list[str]:
+    """The columns a DataFrame had at `timestamp` (ms) and no longer has (schema evolution); [] for other arrays
+    or one created after it."""
+    try:
+        with soma.open(array_uri, tiledb_timestamp=timestamp, context=engine.ctx()) as then:
+            if not isinstance(then, soma.DataFrame):
+                return []
+            before = set(then.schema.names)
+        with soma.open(array_uri, context=engine.ctx()) as now:
+            return sorted(before - set(now.schema.names))
+    except soma.SOMAError:
+        return []
+
+
 def consolidate_array(array_uri: str, *, purge: bool) -> None:
     """Consolidate all fragments of one array into one, then vacuum the merged ones.
 
