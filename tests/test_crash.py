@@ -178,7 +178,11 @@ def test_kill_at_a_random_moment_then_apply_converges(project: Project, busy_raw
         if victim == "apply":
             assert killed.returncode == -signal.SIGKILL, f"apply finished before the kill: {killed.stderr}"
         else:
-            assert killed.returncode == 1 and "worker process died" in killed.stderr, killed.stderr
+            # The steps running on the dead worker fail their samples (exit 1), except a grouped ingest: its
+            # members are retried alone in the same apply, which then may succeed.
+            log = "".join(p.read_text() for p in (project.root / "logs").glob("apply-*.log"))
+            assert (killed.returncode == 1 and "worker process died" in killed.stderr) or (
+                killed.returncode == 0 and "the grouped ingest failed (worker process died" in log), killed.stderr
         assert_apply_converges(project, {})
     finally:
         run.kill_session()
