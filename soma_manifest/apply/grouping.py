@@ -2,10 +2,10 @@
 
 A step costs about the same fixed time whatever its sample's size (opening the arrays, writing a fragment per
 array, reading the range back: ~0.3-1 s), and each of its fragments slows every later read and write. So while
-an ingest is in flight and conversions still run, small converted samples wait (as Nagle's algorithm holds
-small packets while one is unacknowledged) until the write ends or a group's worth is ready; then one step
-writes them all. Groups thus grow as far as ingests lag behind conversions, and no sample waits for a group
-to fill when nothing is being written. Pure functions of the ledger: the pipeline decides, the state records.
+conversions run, small converted samples wait until GROUP_MIN of them (or a full group) are ready; then one step
+writes them all: fragments grow by at most one per array per GROUP_MIN small samples, not one per sample. The
+apply's first ingest does not wait (converting and ingesting overlap from the start), nor does anything once
+conversions are over. Pure functions of the ledger: the pipeline decides, the state records.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ SMALL_CELLS = 5_000
 GROUP_CELLS = 20_000
 #: ... and at most this many samples (each member's h5ad is open while the group is read).
 GROUP_MEMBERS = 100
+#: While conversions run, small samples wait until at least this many are ready (see the module).
+GROUP_MIN = 16
 
 
 def groupable(key: str, entry: SampleState, alone: set[str]) -> bool:
@@ -30,16 +32,16 @@ def groupable(key: str, entry: SampleState, alone: set[str]) -> bool:
 
 
 def ripe(ready: list[Action], samples: Mapping[str, SampleState], alone: set[str], *, converting: bool,
-         writing: bool) -> bool:
-    """Whether to start the ready batch now: when nothing is being written, once conversions are over, or when
-    something in it is not to be grouped (a large sample, an obs update, a retry); else when a group's worth of
-    small samples is ready."""
-    if not converting or not writing:
+         first: bool) -> bool:
+    """Whether to start the ready batch now: the apply's first, once conversions are over, or when something in
+    it is not to be grouped (a large sample, an obs update, a retry); else when a group's worth of small samples
+    is ready (GROUP_MIN of them, or a full group)."""
+    if not converting or first:
         return True
     small = [a for a in ready if a.ingests and "write_obs" not in a.steps and groupable(a.key, samples[a.key], alone)]
     if len(small) < len(ready):
         return True
-    return sum(samples[a.key].cells or 0 for a in small) >= GROUP_CELLS or len(small) >= GROUP_MEMBERS
+    return len(small) >= GROUP_MIN or sum(samples[a.key].cells or 0 for a in small) >= GROUP_CELLS
 
 
 def groups(keys: list[str], samples: Mapping[str, SampleState], alone: set[str], chunk_nnz: int) -> list[list[str]]:

@@ -7,9 +7,9 @@ submitted. So a range is in the state before any step can write into it, and a s
 deleted before its new version is ingested. While an ingest or obs update is in flight, a batch goes
 ahead only if it needs no schema change and no delete (Allocator.fits); conversions go on meanwhile.
 
-Small samples are ingested in groups (grouping.py): while an ingest is in flight and conversions run, small
-converted samples wait until it ends or a group's worth is ready; their ranges are allocated one after the
-other, and one step writes them all, one fragment per array. A group that fails is not a failure of its members: their ranges are retired (deleted,
+Small samples are ingested in groups (grouping.py): while conversions run, small converted samples wait until
+a group's worth is ready; their ranges are allocated one after the other, and one step writes them all, one
+fragment per array. A group that fails is not a failure of its members: their ranges are retired (deleted,
 as any interrupted range) and each is retried alone, in a fresh range.
 """
 
@@ -58,13 +58,14 @@ class Pipeline:
                 self._stop()
                 return
             if (self.ready and ripe(self.ready, run.state.samples, self.alone, converting=self.converting > 0,
-                                        writing=self.writing > 0)
+                                        first=self.ingests_started is None)
                     and (not self.writing or self.allocator.fits(self.ready))):
                 self._start_writes()
             if not run.steps.busy:
                 break
             for outcome in run.steps.wait(_POLL_S):
                 self._record(outcome)
+        run.flush()
         self._close_phases()
 
     # ---- converts
@@ -113,7 +114,7 @@ class Pipeline:
                      f"; genes: {result.gene_mapping.text()}" if result.gene_mapping else "")
             if _writes(action):
                 self.ready.append(action)
-        run.save()
+        run.recorded()
         crash_point("after_convert")
         if self.converting == 0:
             run.report.seconds["convert"] = time.perf_counter() - self.converts_started
@@ -157,7 +158,7 @@ class Pipeline:
 
     def _written(self, outcome: Outcome) -> None:
         self._member_written(outcome.key, outcome.step, outcome.ok, outcome.value, outcome.error, outcome.seconds)
-        self.run.save()
+        self.run.recorded()
         self._step_ended()
 
     def _group_written(self, outcome: Outcome) -> None:
@@ -170,7 +171,7 @@ class Pipeline:
             for key, ingested in zip(keys, outcome.value):
                 self._member_written(key, "ingest", True, ingested, None, outcome.seconds)
                 run.reporter.advance("ingest", key, True)
-            run.save()
+            run.recorded()
             crash_point("after_group")
         else:
             log.warning("%s and %d more: the grouped ingest failed (%s); each is retried alone", keys[0],
@@ -231,6 +232,7 @@ class Pipeline:
                 self._record(outcome)
                 self.ready = []  # a conversion that finished now is ingested by the next apply
         not_run += run.steps.abandon()
+        run.flush()
         run.report.not_run = [f"{step} {key}" for step, key in not_run]
         self._close_phases()
 
