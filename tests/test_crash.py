@@ -190,18 +190,20 @@ def test_kill_at_a_random_moment_then_apply_converges(project: Project, busy_raw
 
 @pytest.mark.slow
 def test_kill_inside_the_convert_ingest_overlap_then_apply_converges(project: Project, busy_raw) -> None:
-    """Killed when the third ingest has finished while other samples are still converting: some samples are
-    in the atlas, some allocated, some converted, some not yet; the next apply sorts each out."""
+    """Killed when the first ingest has finished while other samples are still converting: some samples may be
+    in the atlas, some allocated, some converted, some not yet; the next apply sorts each out. (The third, as
+    this was: the small samples now wait to be ingested in groups, so three ingests rarely end while conversions
+    run; and outcomes are saved at most once a second, so the state may not show the first one done.)"""
     raw, samples = busy_raw
     for study in ("big", "many"):
         shutil.copytree(raw / study, project.raw / study)
     project.samples.update(samples)
     project.write_manifest()
-    run = start_cli("apply", project.manifest, "--processes", "2", env={CRASH_AT: "overlap_ingest:3"})
+    run = start_cli("apply", project.manifest, "--processes", "2", env={CRASH_AT: "overlap_ingest"})
     try:
         assert run.wait().returncode == -signal.SIGKILL
         actions = plan_actions(project)
-        assert {a["kind"] for a in actions.values()} <= _FRESH and len(actions) < len(project.samples)
+        assert {a["kind"] for a in actions.values()} <= _FRESH
         assert any(a["reason"].startswith("not converted yet") for a in actions.values()), actions
         assert_apply_converges(project, {})
     finally:
