@@ -15,9 +15,9 @@ SOMA_MANIFEST_FAIL_AT=<point> raises a RuntimeError at a fail point instead (wor
 
 SOMA_MANIFEST_PAUSE_AT=<point>[,<point>...]:<folder> holds a worker at a pause point (convert_start,
 ingest_start (also a grouped ingest), write_obs_start: before the step checks its lease; write_obs_fenced:
-after an obs update's lease check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
-`<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
-use it to keep a dead apply's step alive until a new apply has run.
+after an obs update's lease check, before its write) while `<folder>/armed` exists and is empty or names that
+point: it creates `<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`.
+Fencing tests use it to keep a dead apply's step alive until a new apply has run.
 """
 
 from __future__ import annotations
