@@ -8,9 +8,9 @@ deleted before its new version is ingested. While an ingest or obs update is in 
 ahead only if it needs no schema change and no delete (Allocator.fits); conversions go on meanwhile.
 
 Small samples are ingested in groups (grouping.py): while conversions run, small converted samples wait until
-a group's worth is ready; their ranges are allocated one after the other, and one step writes them all, one
-fragment per array. A group that fails is not a failure of its members: their ranges are retired (deleted,
-as any interrupted range) and each is retried alone, in a fresh range.
+a group's worth (growing with the apply) is ready; their ranges are allocated one after the other, and one
+step writes them all, one fragment per array. A group that fails is not a failure of its members: their ranges
+are retired (deleted, as any interrupted range) and each is retried alone, in a fresh range.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Pipeline:
         self.later = sum(1 for a in plan.actions if _writes(a))
         self.ingests_started: float | None = None
         self.ingests_finished = 0
+        self.ingests_submitted = 0  # samples whose ingest was submitted (a group counts its members)
         self.writing = 0  # ingest and write_obs steps submitted and not yet finished
         self.converts_started = time.perf_counter()
         self.allocator = Allocator(run, sum(1 for a in plan.actions if a.ingests))
@@ -58,7 +59,7 @@ class Pipeline:
                 self._stop()
                 return
             if (self.ready and ripe(self.ready, run.state.samples, self.alone, converting=self.converting > 0,
-                                        first=self.ingests_started is None)
+                                        first=self.ingests_started is None, ingested=self.ingests_submitted)
                     and (not self.writing or self.allocator.fits(self.ready))):
                 self._start_writes()
             if not run.steps.busy:
@@ -139,12 +140,14 @@ class Pipeline:
                 run.steps.submit(group[0], "ingest_group", ingest_group_step, run.lease, run.uri, run.schema,
                                  members, run.chunk_nnz, urgent=True)
                 self.groups[group[0]] = group
+                self.ingests_submitted += len(group) - 1
                 log.info("%s and %d more: ingested in one step", group[0], len(group) - 1)
             else:
                 entry = run.state.samples[group[0]]
                 run.steps.submit(group[0], "ingest", ingest_step, run.lease, group[0], run.uri, run.schema,
                                  entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
             self.writing += 1
+            self.ingests_submitted += 1
         updates = [a.key for a in batch if "write_obs" in a.steps]
         for key in updates:
             run.state.samples[key].mark_obs_write_started()
