@@ -1,7 +1,9 @@
 """Fault injection for crash tests: SOMA_MANIFEST_CRASH_AT=<point>[:<n>] kills the process there with SIGKILL.
 
 Points: after_create, after_convert, after_allocate, after_delete, mid_delete, mid_ingest (parent, once one
-ingest has finished), worker_ingest_after_obs (a worker, between its obs and X writes), before_state_replace,
+ingest has finished), after_group (parent, a grouped ingest recorded), worker_ingest_after_obs (a worker, between
+its obs and X writes), worker_group_after_rows (a worker, inside a grouped ingest: its samples-table rows
+written, no cell yet), before_state_replace,
 and inside the convert/ingest overlap: overlap_allocate (parent, ranges allocated for a batch of
 conversions while other samples still convert) and overlap_ingest (parent, an ingest finished while
 conversions still run); compact_started (the state marked pending, before any array), compact_after_array
@@ -10,11 +12,13 @@ and mid_layer_fill (parent, after a layer added in place was computed for one sa
 With `:<n>` the process dies the n-th time it reaches the point (e.g. before_state_replace:3, the third state
 save), so that a kill can land in the middle of a run; counts are per process.
 
+SOMA_MANIFEST_FAIL_AT=<point> raises a RuntimeError at a fail point instead (worker_group_after_rows).
+
 SOMA_MANIFEST_PAUSE_AT=<point>[,<point>...]:<folder> holds a worker at a pause point (convert_start,
-ingest_start, write_obs_start: before the step checks its lease; write_obs_fenced, write_layer_fenced: after an
-obs update's or a layer fill's lease check, before its write) while `<folder>/armed` exists and is empty or names that point: it creates
-`<folder>/paused-<pid>`, waits for `<folder>/release`, then creates `<folder>/resumed-<pid>`. Fencing tests
-use it to keep a dead apply's step alive until a new apply has run.
+ingest_start (also a grouped ingest), write_obs_start: before the step checks its lease; write_obs_fenced,
+write_layer_fenced: after an obs update's or a layer fill's lease check, before its write) while `<folder>/armed`
+exists and is empty or names that point: it creates `<folder>/paused-<pid>`, waits for `<folder>/release`, then
+creates `<folder>/resumed-<pid>`. Fencing tests use it to keep a dead apply's step alive until a new apply has run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 ENV = "SOMA_MANIFEST_CRASH_AT"
+FAIL_ENV = "SOMA_MANIFEST_FAIL_AT"
 PAUSE_ENV = "SOMA_MANIFEST_PAUSE_AT"
 _reached: dict[str, int] = {}
 
@@ -39,6 +44,12 @@ def crash_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_point(name: str) -> None:
+    """SOMA_MANIFEST_FAIL_AT=<point>: raise there, every time (a step that fails, its process alive)."""
+    if os.environ.get(FAIL_ENV) == name:
+        raise RuntimeError(f"failure injected at {name} ({FAIL_ENV})")
 
 
 def pause_point(name: str) -> None:

@@ -142,7 +142,8 @@ def var_rows(var: pd.DataFrame, schema: AtlasSchema) -> pd.DataFrame:
 def measured_genes(path: str) -> pd.Index:
     """The var ids a sample measured: its var, less the genes a fixed universe only padded in."""
     with _reading(path), _h5(path) as f:
-        ids = anndata.io.read_elem(f["var"]).index
+        # Only var's index: reading the whole var (every column) was 13 ms of verify per sample.
+        ids = pd.Index(anndata.io.read_elem(f["var"][f["var"].attrs["_index"]]))
         measured = f.get(f"uns/{_UNS}/{_MEASURED}")
         return ids[measured[:]] if measured is not None else ids
 

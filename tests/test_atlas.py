@@ -188,8 +188,8 @@ def test_ingest_counts_its_entries_from_what_it_committed_and_reads_when_a_stamp
     ranges = _prepare(uri, schema, [first, second])
     atlas.resize_samples(uri, schema, 2)
     counted = []
-    real_count = checks.count_entries
-    monkeypatch.setattr(checks, "count_entries", lambda *args: counted.append(args[1]) or real_count(*args))
+    real_count = checks._entries_per_range
+    monkeypatch.setattr(checks, "_entries_per_range", lambda *args: counted.append(args[1]) or real_count(*args))
     stamps = []
     real_mutation = clock.mutation
 

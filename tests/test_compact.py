@@ -113,8 +113,9 @@ def test_reads_as_of_an_apply_survive_changes_and_compaction(applied: Project) -
 def test_apply_compacts_past_the_threshold_and_not_when_off(project: Project) -> None:
     project.write_manifest(extra="compaction:\n  after_fragments: false\n")
     apply_ok(project)
-    assert fragments(project)["obs"] == 3  # one per sample
-    project.write_manifest(extra="compaction:\n  after_fragments: 2\n")
+    assert 1 <= fragments(project)["obs"] <= 3  # one per ingest step (small samples may share one)
+    assert read_state(project).compaction.last_at is None
+    project.write_manifest(extra="compaction:\n  after_fragments: 1\n")
     project.add_mtx("study_b", "s2", make_sample(25, 20, seed=12, gene_offset=40))
     apply_ok(project)
     assert set(fragments(project).values()) == {1}

@@ -178,7 +178,11 @@ def test_kill_at_a_random_moment_then_apply_converges(project: Project, busy_raw
         if victim == "apply":
             assert killed.returncode == -signal.SIGKILL, f"apply finished before the kill: {killed.stderr}"
         else:
-            assert killed.returncode == 1 and "worker process died" in killed.stderr, killed.stderr
+            # The steps running on the dead worker fail their samples (exit 1), except a grouped ingest: its
+            # members are retried alone in the same apply, which then may succeed.
+            log = "".join(p.read_text() for p in (project.root / "logs").glob("apply-*.log"))
+            assert (killed.returncode == 1 and "worker process died" in killed.stderr) or (
+                killed.returncode == 0 and "the grouped ingest failed (worker process died" in log), killed.stderr
         assert_apply_converges(project, {})
     finally:
         run.kill_session()
@@ -186,18 +190,20 @@ def test_kill_at_a_random_moment_then_apply_converges(project: Project, busy_raw
 
 @pytest.mark.slow
 def test_kill_inside_the_convert_ingest_overlap_then_apply_converges(project: Project, busy_raw) -> None:
-    """Killed when the third ingest has finished while other samples are still converting: some samples are
-    in the atlas, some allocated, some converted, some not yet; the next apply sorts each out."""
+    """Killed when the first ingest has finished while other samples are still converting: some samples may be
+    in the atlas, some allocated, some converted, some not yet; the next apply sorts each out. (The third, as
+    this was: the small samples now wait to be ingested in groups, so three ingests rarely end while conversions
+    run; and outcomes are saved at most once a second, so the state may not show the first one done.)"""
     raw, samples = busy_raw
     for study in ("big", "many"):
         shutil.copytree(raw / study, project.raw / study)
     project.samples.update(samples)
     project.write_manifest()
-    run = start_cli("apply", project.manifest, "--processes", "2", env={CRASH_AT: "overlap_ingest:3"})
+    run = start_cli("apply", project.manifest, "--processes", "2", env={CRASH_AT: "overlap_ingest"})
     try:
         assert run.wait().returncode == -signal.SIGKILL
         actions = plan_actions(project)
-        assert {a["kind"] for a in actions.values()} <= _FRESH and len(actions) < len(project.samples)
+        assert {a["kind"] for a in actions.values()} <= _FRESH
         assert any(a["reason"].startswith("not converted yet") for a in actions.values()), actions
         assert_apply_converges(project, {})
     finally:

@@ -29,7 +29,7 @@ class Allocator:
         self.run = run
         self.unallocated = to_allocate  # ingests without a range yet: the room to grow ahead for
         self.room: atlas.Room | None = None
-        self.genes: dict[str, pd.DataFrame] = {}  # each ready sample's var rows
+        self.genes: dict[str, pd.DataFrame] = {}  # each converted, not yet allocated sample's var rows
 
     def converted(self, key: str, var: pd.DataFrame | None) -> None:
         """A sample's conversion arrived: keep its var rows (a metadata update has none: its h5ad has them)."""
@@ -39,6 +39,10 @@ class Allocator:
     def not_coming(self, samples: int) -> None:
         """These samples will not be ingested in this run (their conversion failed)."""
         self.unallocated -= samples
+
+    def again(self, samples: int) -> None:
+        """These samples, allocated already, will be allocated again (their grouped ingest failed)."""
+        self.unallocated += samples
 
     def fits(self, ready: list[Action]) -> bool:
         """Whether the batch can be allocated without a schema change or a delete (see the module)."""
@@ -75,6 +79,8 @@ class Allocator:
             run.state.allocate_to(entry)
             cells.append(entry.cells or 0)
         self.unallocated -= len(ready)
+        for action in ready:  # not needed once allocated: the coordinator holds no sample's genes beyond that
+            self.genes.pop(action.key, None)
         if run.state.next_joinid > room.cells:
             # Room for the samples still to come too, at 1.25x this batch's mean: one resize, not one a batch.
             room.cells = run.state.next_joinid + int(1.25 * self.unallocated * sum(cells) / len(cells))

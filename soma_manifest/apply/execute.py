@@ -1,7 +1,8 @@
 """Run a Plan: `execute` and the steps it takes, in order.
 
-The state is saved after every finished step, and every joinid range is recorded before anything is
-written into it, so a kill at any moment leaves a state the next apply resumes from.
+Outcomes are saved at most every run.SAVE_EVERY_S, and every joinid range is recorded before anything is
+written into it, so a kill at any moment leaves a state the next apply resumes from (redoing at most the
+outcomes of the last interval; see run.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ The coordinator's serial work happens between outcomes, batched over what arrive
 submitted. So a range is in the state before any step can write into it, and a sample's old range is
 deleted before its new version is ingested. While an ingest or obs update is in flight, a batch goes
 ahead only if it needs no schema change and no delete (Allocator.fits); conversions go on meanwhile.
+
+Small samples are ingested in groups (grouping.py): while conversions run, small converted samples wait until
+a group's worth (growing with the apply) is ready; their ranges are allocated one after the other, and one
+step writes them all, one fragment per array. A group that fails is not a failure of its members: their ranges
+are retired (deleted, as any interrupted range) and each is retried alone, in a fresh range.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import time
 
 from soma_manifest.apply.allocation import Allocator
 from soma_manifest.apply.deletes import delete_orphans
+from soma_manifest.apply.grouping import groups, ripe
 from soma_manifest.apply.run import Run
+from soma_manifest.atlas import Member
 from soma_manifest.convert import ConvertJob, ConvertResult, h5ad_path_for
 from soma_manifest.faults import crash_point
 from soma_manifest.plan import Action, Plan
-from soma_manifest.steps import Outcome, convert_step, ingest_step, write_obs_step
+from soma_manifest.steps import Outcome, convert_step, ingest_group_step, ingest_step, write_obs_step
 
 log = logging.getLogger("soma_manifest")
 _POLL_S = 0.2
@@ -36,9 +43,12 @@ class Pipeline:
         self.later = sum(1 for a in plan.actions if _writes(a))
         self.ingests_started: float | None = None
         self.ingests_finished = 0
+        self.ingests_submitted = 0  # samples whose ingest was submitted (a group counts its members)
         self.writing = 0  # ingest and write_obs steps submitted and not yet finished
         self.converts_started = time.perf_counter()
         self.allocator = Allocator(run, sum(1 for a in plan.actions if a.ingests))
+        self.groups: dict[str, list[str]] = {}  # a grouped ingest in flight: its first key -> its members' keys
+        self.alone: set[str] = set()  # members of a failed group: retried one step each
 
     def drive(self) -> None:
         run = self.run
@@ -48,12 +58,15 @@ class Pipeline:
             if run.interrupt.signum is not None:
                 self._stop()
                 return
-            if self.ready and (not self.writing or self.allocator.fits(self.ready)):
+            if (self.ready and ripe(self.ready, run.state.samples, self.alone, converting=self.converting > 0,
+                                        first=self.ingests_started is None, ingested=self.ingests_submitted)
+                    and (not self.writing or self.allocator.fits(self.ready))):
                 self._start_writes()
             if not run.steps.busy:
                 break
             for outcome in run.steps.wait(_POLL_S):
                 self._record(outcome)
+        run.flush()
         self._close_phases()
 
     # ---- converts
@@ -102,7 +115,7 @@ class Pipeline:
                      f"; genes: {result.gene_mapping.text()}" if result.gene_mapping else "")
             if _writes(action):
                 self.ready.append(action)
-        run.save()
+        run.recorded()
         crash_point("after_convert")
         if self.converting == 0:
             run.report.seconds["convert"] = time.perf_counter() - self.converts_started
@@ -120,11 +133,21 @@ class Pipeline:
             self.ingests_started = time.perf_counter()
             run.reporter.phase("ingest", self.later - sum(1 for k in run.report.failed if k in self.by_key
                                                           and _writes(self.by_key[k])))
-        for action in allocated:
-            entry = run.state.samples[action.key]
-            run.steps.submit(action.key, "ingest", ingest_step, run.lease, action.key, run.uri, run.schema,
-                             entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
+        for group in groups([a.key for a in allocated], run.state.samples, self.alone, run.chunk_nnz):
+            if len(group) > 1:
+                members = [Member(key, run.state.samples[key].sample_joinid, run.state.samples[key].h5ad,
+                                  run.state.samples[key].joinids[0]) for key in group]
+                run.steps.submit(group[0], "ingest_group", ingest_group_step, run.lease, run.uri, run.schema,
+                                 members, run.chunk_nnz, urgent=True)
+                self.groups[group[0]] = group
+                self.ingests_submitted += len(group) - 1
+                log.info("%s and %d more: ingested in one step", group[0], len(group) - 1)
+            else:
+                entry = run.state.samples[group[0]]
+                run.steps.submit(group[0], "ingest", ingest_step, run.lease, group[0], run.uri, run.schema,
+                                 entry.h5ad, entry.joinids[0], run.chunk_nnz, entry.sample_joinid, urgent=True)
             self.writing += 1
+            self.ingests_submitted += 1
         updates = [a.key for a in batch if "write_obs" in a.steps]
         for key in updates:
             run.state.samples[key].mark_obs_write_started()
@@ -137,21 +160,46 @@ class Pipeline:
             self.writing += 1
 
     def _written(self, outcome: Outcome) -> None:
+        self._member_written(outcome.key, outcome.step, outcome.ok, outcome.value, outcome.error, outcome.seconds)
+        self.run.recorded()
+        self._step_ended()
+
+    def _group_written(self, outcome: Outcome) -> None:
+        """A grouped ingest ended: each member done; or, when it failed, each member retried alone (its range is
+        retired by the allocation, so deleted before the retry writes: a group that failed half-way leaves
+        nothing behind)."""
         run = self.run
-        entry = run.state.samples[outcome.key]
-        if not outcome.ok:
-            run.fail(outcome.key, outcome.step, outcome.error or "")
+        keys = self.groups.pop(outcome.key)
+        if outcome.ok:
+            for key, ingested in zip(keys, outcome.value):
+                self._member_written(key, "ingest", True, ingested, None, outcome.seconds)
+                run.reporter.advance("ingest", key, True)
+            run.recorded()
+            crash_point("after_group")
         else:
-            ingested = outcome.step == "ingest"
-            if ingested:
-                entry.mark_ingested()
-            else:
-                entry.mark_metadata_written()
-            run.checked[outcome.key] = outcome.value.stats if ingested else outcome.value
-            run.report.succeeded.append(outcome.key)
-            log.info("%s: %s done (%.1fs%s)", outcome.key, outcome.step, outcome.seconds,
-                     ", from memory" if ingested and outcome.value.from_memory else "")
-        run.save()
+            log.warning("%s and %d more: the grouped ingest failed (%s); each is retried alone", keys[0],
+                        len(keys) - 1, outcome.error)
+            self.alone.update(keys)
+            self.allocator.again(len(keys))
+            self.ready.extend(self.by_key[key] for key in keys)
+        self._step_ended()
+
+    def _member_written(self, key: str, step: str, ok: bool, value, error: str | None, seconds: float) -> None:
+        run = self.run
+        entry = run.state.samples[key]
+        if not ok:
+            run.fail(key, step, error or "")
+            return
+        ingested = step == "ingest"
+        if ingested:
+            entry.mark_ingested()
+        else:
+            entry.mark_metadata_written()
+        run.checked[key] = value.stats if ingested else value
+        run.report.succeeded.append(key)
+        log.info("%s: %s done (%.1fs%s)", key, step, seconds, ", from memory" if ingested and value.from_memory else "")
+
+    def _step_ended(self) -> None:
         self.writing -= 1
         self.ingests_finished += 1
         if self.ingests_finished == 1:
@@ -168,6 +216,9 @@ class Pipeline:
             log.debug("%s: %s traceback:\n%s", outcome.key, outcome.step, outcome.detail)
         if outcome.step == "convert":
             self._converted(outcome)
+        elif outcome.step == "ingest_group":
+            self._group_written(outcome)
+            return  # advanced per member
         else:
             self._written(outcome)
         run.reporter.advance(outcome.step if outcome.step == "convert" else "ingest", outcome.key, outcome.ok)
@@ -184,6 +235,7 @@ class Pipeline:
                 self._record(outcome)
                 self.ready = []  # a conversion that finished now is ingested by the next apply
         not_run += run.steps.abandon()
+        run.flush()
         run.report.not_run = [f"{step} {key}" for step, key in not_run]
         self._close_phases()
 

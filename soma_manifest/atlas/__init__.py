@@ -28,7 +28,7 @@ from soma_manifest.atlas.fragments import (
     delete_timestamps,
     fragment_count,
 )
-from soma_manifest.atlas.ingest import IngestStats, ingest_h5ad, ingest_sample
+from soma_manifest.atlas.ingest import IngestStats, Member, ingest_group, ingest_h5ad, ingest_sample
 from soma_manifest.atlas.layout import (
     LINEAGE_KEY,
     PRESENCE,
@@ -60,12 +60,13 @@ from soma_manifest.h5ad import read_var as read_h5ad_var
 
 __all__ = [
     "LINEAGE_KEY", "PRESENCE", "PRESENCE_KEY", "READER_SETTINGS", "SAMPLES", "STRUCTURE_KEY", "TRUSTED_ORDER",
-    "IngestStats", "Overview", "RangeStats", "Room",
-    "add_sample_arrays", "array_uris", "atlas_exists", "column_names", "consolidate_array", "context", "count_x_outside",
-    "create_atlas", "delete_obs_range", "delete_samples", "delete_timestamps", "extend_var", "fragment_count",
+    "IngestStats", "Member", "Overview", "RangeStats", "Room",
+    "add_layer", "add_sample_arrays", "array_uris", "atlas_exists", "column_names", "columns_dropped_since",
+    "consolidate_array", "context", "count_x_outside", "create_atlas", "delete_obs_range", "delete_samples",
+    "delete_timestamps", "drop_layer", "evolve_columns", "extend_var", "fragment_count", "ingest_group",
     "ingest_h5ad", "ingest_sample", "mark_presence_complete", "measured_genes", "obs_joinids_outside",
     "open_experiment", "overview", "presence_complete", "range_stats", "read_h5ad_var", "read_lineage",
     "read_presence", "read_presence_rows", "read_sample", "read_samples_table", "read_structure", "read_var_ids",
-    "resize_obs", "resize_samples", "room", "settled_timestamp", "update_obs", "var_joinids", "var_rows",
-    "write_sample", "x_columns",
+    "resize_obs", "resize_samples", "room", "set_structure", "settled_timestamp", "update_obs", "var_joinids",
+    "var_rows", "write_layer", "write_sample", "x_columns",
 ]

@@ -33,16 +33,59 @@ class RangeStats:
 
 def range_stats(uri: str, schema: AtlasSchema, ranges: list[tuple[int, int]], *,
                 rows_per_read: int = _COUNT_ROWS, nnz: list[int] | None = None) -> list[RangeStats]:
-    """Per [start, stop): cells in obs, distinct obs_ids, entries of the counts layer (counted `rows_per_read`
-    cells at a time, unless the caller knows them: `nnz`, one per range)."""
+    """Per [start, stop) (disjoint ranges): cells in obs, distinct obs_ids, entries of the counts layer (counted
+    `rows_per_read` cells at a time, unless the caller knows them: `nnz`, one per range).
+
+    Read by spans of touching ranges, not range by range: a read per sample's range cost verify 4.3 s of 10 s
+    at 400 samples of 50 cells (the reads' fixed cost, not their size)."""
     members = layout.members(uri, schema)
+    spans = _spans(ranges)
     with soma.DataFrame.open(members.obs, context=engine.ctx()) as obs:
-        cells = [_cells_and_ids(read_slices(obs, [(start, stop)], ["obs_id"])["obs_id"]) for start, stop in ranges]
+        table = read_slices(obs, spans, ["soma_joinid", "obs_id"])
+    joinids = table["soma_joinid"].to_numpy()
+    order = np.argsort(joinids, kind="stable")
+    joinids, obs_ids = joinids[order], table["obs_id"].take(pa.array(order))
+    cells = []
+    for start, stop in ranges:
+        a, b = (int(i) for i in np.searchsorted(joinids, [start, stop]))
+        cells.append(_cells_and_ids(obs_ids.slice(a, b - a)))
     if nnz is None:
         with soma.SparseNDArray.open(members.layers[schema.counts_layer.name], context=engine.ctx()) as counts:
-            nnz = [count_entries(counts, [(start, stop)], rows_per_read) for start, stop in ranges]
+            nnz = _entries_per_range(counts, ranges, spans, rows_per_read)
     return [RangeStats(start, stop, cells=n_cells, obs_ids=n_ids, nnz=n)
             for (start, stop), (n_cells, n_ids), n in zip(ranges, cells, nnz)]
+
+
+def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges merged where they touch or overlap, sorted."""
+    spans: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], stop))
+        else:
+            spans.append((start, stop))
+    return spans
+
+
+def _entries_per_range(x: soma.SparseNDArray, ranges: list[tuple[int, int]], spans: list[tuple[int, int]],
+                       rows_per_read: int) -> list[int]:
+    """Entries of the array in each of the disjoint half-open row ranges, read by spans, `rows_per_read` rows at
+    a time (as count_entries)."""
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    starts = np.array([ranges[i][0] for i in order], dtype=np.int64)
+    stops = np.array([ranges[i][1] for i in order], dtype=np.int64)
+    counts = np.zeros(len(ranges), dtype=np.int64)
+    for s in _clip(spans, x.shape[0]):
+        for lo in range(s.start, s.stop + 1, rows_per_read):
+            for t in engine.dim0_tables(x, slice(lo, min(lo + rows_per_read - 1, s.stop))):
+                rows = t["soma_dim_0"].to_numpy()
+                at = np.searchsorted(starts, rows, side="right") - 1
+                inside = (at >= 0) & (rows < stops[np.maximum(at, 0)])
+                counts += np.bincount(at[inside], minlength=len(ranges))
+    out = [0] * len(ranges)
+    for position, i in enumerate(order):
+        out[i] = int(counts[position])
+    return out
 
 
 def _cells_and_ids(obs_ids: pa.ChunkedArray) -> tuple[int, int]:

@@ -10,14 +10,15 @@ import anndata
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 import tiledbsoma as soma
 
 from soma_manifest.atlas import checks, clock, engine, layout
 from soma_manifest.atlas.chunks import as_chunk, cells_chunk, major_index, read_chunk, row_chunks, row_totals
 from soma_manifest.atlas.domains import check_room, read_var_ids
-from soma_manifest.atlas.samples import write_sample_rows
+from soma_manifest.atlas.samples import write_sample_rows, write_samples_rows
 from soma_manifest.errors import AtlasError
-from soma_manifest.faults import crash_point
+from soma_manifest.faults import crash_point, fail_point
 from soma_manifest.h5ad import Sample, open_sample, sample_in_memory
 from soma_manifest.schema import AtlasSchema, Layer
 
@@ -60,6 +61,57 @@ def _ingest_with_rows(uri: str, schema: AtlasSchema, key: str, sample_joinid: in
     return _ingest(uri, schema, sample, start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids)
 
 
+@dataclass(frozen=True)
+class Member:
+    """One sample of a grouped ingest: its key, sample joinid, h5ad and the start of its obs range."""
+
+    key: str
+    sample_joinid: int
+    h5ad: str
+    start: int
+
+
+def ingest_group(uri: str, schema: AtlasSchema, members: list[Member], *, chunk_nnz: int,
+                 fence: Callable[[], None]) -> list[checks.RangeStats]:
+    """apply's ingest of several small samples whose ranges follow each other: their samples-table and presence
+    rows in one mutation, then all their cells in one (one fragment per array for the group, where a step per
+    sample made one per sample: fragments and the per-step cost grow with the data, not with the samples).
+    Returns each member's range as ingest_sample does. Either every member is written or the step fails: the
+    caller retries the members alone, in fresh ranges (the group's ranges are deleted first)."""
+    var_ids = read_var_ids(uri, schema)
+    with ExitStack() as stack:
+        samples = [stack.enter_context(open_sample(m.h5ad, schema)) for m in members]
+        for member, sample, following in zip(members, samples, members[1:]):
+            if member.start + len(sample.obs) != following.start:
+                raise AtlasError(f"the ranges of {member.key} and {following.key} do not follow each other",
+                                 where=uri, hint="a grouped ingest takes consecutive ranges (a bug)")
+        write_samples_rows(uri, schema, [(m.sample_joinid, m.key, s, m.start) for m, s in zip(members, samples)],
+                           var_ids)
+        crash_point("worker_group_after_rows")
+        fail_point("worker_group_after_rows")
+        # Each member's rows in atlas columns (checked and in global order, as read_chunk makes them), stacked.
+        parts = []
+        for sample in samples:
+            columns = _column_map(uri, var_ids, sample)
+            n_var = int(columns.max()) + 1 if len(columns) else 0
+            parts.append(read_chunk(sample.x, sample.indptr, 0, len(sample.obs), columns, n_var, sample.path))
+        width = max((p.shape[1] for p in parts), default=0)
+        stacked = sp.vstack([sp.csr_matrix((p.data, p.indices, p.indptr), shape=(p.shape[0], width))
+                             for p in parts], format="csr")
+        whole = Sample(path=", ".join(m.h5ad for m in members[:3]) + (" ..." if len(members) > 3 else ""),
+                       obs=pd.concat([s.obs for s in samples]), var=pd.DataFrame(index=pd.RangeIndex(width)),
+                       indptr=stacked.indptr, x={"data": stacked.data, "indices": stacked.indices}, measured=None)
+    written = _ingest(uri, schema, whole, members[0].start, chunk_nnz=chunk_nnz, fence=fence, var_ids=var_ids,
+                      columns=np.arange(width, dtype=np.int64))
+    bounds = np.cumsum([0] + [p.shape[0] for p in parts])
+    ranges = [(members[0].start + int(a), members[0].start + int(b)) for a, b in zip(bounds, bounds[1:])]
+    nnz = [int(p.nnz) for p in parts]
+    counts_uri = layout.members(uri, schema).layers[schema.counts_layer.name]
+    if checks.entries_committed_at(counts_uri, written.stamp) == written.nnz:
+        return checks.range_stats(uri, schema, ranges, nnz=nnz)
+    return checks.range_stats(uri, schema, ranges)  # see ingest_sample
+
+
 def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_nnz: int = 5_000_000,
                 fence: Callable[[], None] = clock.no_fence, var_ids: pd.Series | None = None) -> IngestStats:
     """Write the h5ad's cells at soma_joinids [start, start+n): obs, then every X layer (see _ingest)."""
@@ -68,7 +120,7 @@ def ingest_h5ad(uri: str, schema: AtlasSchema, h5ad: str, start: int, *, chunk_n
 
 
 def _ingest(uri: str, schema: AtlasSchema, sample: Sample, start: int, *, chunk_nnz: int,
-            fence: Callable[[], None], var_ids: pd.Series | None) -> IngestStats:
+            fence: Callable[[], None], var_ids: pd.Series | None, columns: np.ndarray | None = None) -> IngestStats:
     """Write the sample's cells at soma_joinids [start, start+n): obs, then every X layer.
 
     Cell-optimized layers are written from row chunks, gene-optimized ones from column chunks
@@ -83,7 +135,8 @@ def _ingest(uri: str, schema: AtlasSchema, sample: Sample, start: int, *, chunk_
     which hides the stamped writes however late they land. See README, "Running on a cluster".
     """
     members = layout.members(uri, schema)
-    columns = _column_map(uri, read_var_ids(uri, schema) if var_ids is None else var_ids, sample)
+    if columns is None:  # else given: a grouped ingest's stacked rows are in atlas columns already
+        columns = _column_map(uri, read_var_ids(uri, schema) if var_ids is None else var_ids, sample)
     n_var = int(columns.max()) + 1 if len(columns) else 0
     n_obs = len(sample.obs)
     stop = start + n_obs
