@@ -229,5 +229,5 @@ def test_crash_then_reverted_change(applied: Project, edit_metadata: bool) -> No
     if edit_metadata:
         set_cell_type(applied, key, "NK cell")
     action = plan_actions(applied)[key]
-    assert (action["kind"], action["steps"]) == ("update", ["convert", "write_obs"])
+    assert (action["kind"], action["steps"]) == ("update", ["convert", "write_obs"]), action
     assert_apply_converges(applied, {key: "NK cell"} if edit_metadata else {})

@@ -115,7 +115,12 @@ class Pipeline:
                      f"; genes: {result.gene_mapping.text()}" if result.gene_mapping else "")
             if _writes(action):
                 self.ready.append(action)
-        run.recorded()
+        if outcome.ok and run.state.samples[outcome.key].ingest != "none":
+            # Its h5ad was rewritten while the atlas holds (part of) another version of it: a lost record would
+            # leave the next plan trusting an h5ad that no longer matches the atlas. Not batched.
+            run.save()
+        else:
+            run.recorded()  # a lost record only costs the next apply this conversion again
         crash_point("after_convert")
         if self.converting == 0:
             run.report.seconds["convert"] = time.perf_counter() - self.converts_started
