@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from soma_manifest import atlas, storage
+from soma_manifest.atlas_meta import check_lineage
 from soma_manifest.errors import AtlasError, SourceError, StateError, StorageError
 from soma_manifest.manifest import LoadedManifest
 from soma_manifest.reports import ApplyReport
@@ -28,11 +29,7 @@ def open_state(manifest: LoadedManifest, state: State | None, schema: AtlasSchem
                                   "or point storage.state at it")
         return State(atlas=uri, structure=schema.structure, structure_summary=schema.structure_summary())
     if present:
-        lineage = atlas.read_lineage(uri)
-        if lineage is not None and lineage != state.lineage:
-            raise StateError(f"this state file belongs to another atlas (lineage {state.lineage}, the atlas at "
-                             f"{uri} has {lineage})", where=manifest.state_path,
-                             hint="point storage.state at the state file of this atlas")
+        check_lineage(manifest, state, atlas.read_lineage(uri))
     elif any(s.ingest != "none" for s in state.samples.values()):
         raise AtlasError("the atlas is missing but the state records ingested samples", where=uri,
                          hint=f"restore the atlas folder, or move {manifest.state_path} away to rebuild from scratch")

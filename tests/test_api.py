@@ -262,3 +262,28 @@ def test_readme_python_api_examples_run(tmp_path: Path, monkeypatch: pytest.Monk
     adata = adata[[f"study_1/S1/{data.barcodes[i]}" for i in t_cells], ["ENSG00000000000", "ENSG00000075624"]]
     assert (sp.csr_matrix(adata.X) != data.counts[t_cells][:, [0, 29]]).nnz == 0
     assert np.asarray(namespace["n_measured_samples"]).ravel().max() == 2
+
+
+def test_a_no_op_apply_stays_light_and_still_refuses_a_state_of_another_atlas(applied: Project) -> None:
+    import tiledbsoma as soma
+
+    from soma_manifest.storage import Location
+    from soma_manifest.storage.tiledb_meta import group_metadata
+
+    code = ("import sys, soma_manifest as sm; r = sm.load(sys.argv[1]).apply(processes=1); "
+            "print(r.unchanged, [m for m in ('tiledbsoma', 'anndata', 'loky') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code, str(applied.manifest)], capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stdout) == (0, f"{len(applied.samples)} []\n"), result.stderr
+    # The metadata files read without the engine say what the engine reads (a deleted key included).
+    with soma.Experiment.open(str(applied.atlas_uri), "w") as exp:
+        del exp.metadata["soma_manifest.structure"]
+        exp.metadata["soma_manifest.extra"] = "x"
+    with soma.Experiment.open(str(applied.atlas_uri)) as exp:
+        expected = {k: v for k, v in exp.metadata.items() if isinstance(v, str)}
+    assert group_metadata(Location(str(applied.atlas_uri))) == expected
+    text = json.loads(applied.state_path.read_text())
+    text["lineage"] = "00000000-0000-4000-8000-000000000000"
+    applied.state_path.write_text(json.dumps(text))
+    with pytest.raises(sm.StateError, match="this state file belongs to another atlas"):
+        sm.load(applied.manifest).apply(processes=1)

@@ -152,6 +152,7 @@ class Atlas(Reads, Releases):
         the report says `interrupted` and the state is ready for the next apply to resume.
         Failures of single samples are in `report.failed`; `report.ok` is False when any sample failed.
         """
+        from soma_manifest.atlas_meta import nothing_to_do
         from soma_manifest.executors import warm_up
         from soma_manifest.lock import AtlasLock, lock_path
         from soma_manifest.sweep import sweep_leftovers
@@ -161,6 +162,13 @@ class Atlas(Reads, Releases):
                 interrupt.lock = lock
             swept = [str(p) for p in sweep_leftovers(self.manifest, lock.path)]
             current, observations, state = self._plan()
+            if plan is not None:
+                planfile.check_saved_plan(plan, current)
+            if not current.has_changes and nothing_to_do(self.manifest, state):
+                # No storage engine and no workers for a no-op: its checks came from the atlas' metadata files
+                if on_plan is not None:
+                    on_plan(current)
+                return ApplyReport(unchanged=len(current.unchanged), swept=swept)
             config = self._executor_config(processes, executor, scheduler, current)
             if current.worker_sizes and (allow_delete or not current.deletions):
                 # (not for an apply that will be refused, or that runs nothing on workers)
@@ -170,8 +178,6 @@ class Atlas(Reads, Releases):
             from soma_manifest.migrate import upgrade
             from soma_manifest.verify import open_state
 
-            if plan is not None:
-                planfile.check_saved_plan(plan, current)
             state = open_state(self.manifest, state, self.schema)
             upgrade(self.manifest, self.schema, state)
             if on_plan is not None:

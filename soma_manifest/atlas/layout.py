@@ -21,13 +21,12 @@ import tiledbsoma as soma
 
 from soma_manifest import storage
 from soma_manifest.atlas import engine
+from soma_manifest.atlas_meta import LINEAGE_KEY, PRESENCE_KEY, STRUCTURE_KEY
 from soma_manifest.errors import AtlasError
 from soma_manifest.schema import AtlasSchema
 
-STRUCTURE_KEY = "soma_manifest.structure"
-LINEAGE_KEY = "soma_manifest.lineage"
-#: Set once the samples table and the feature presence matrix hold a row for every ingested sample.
-PRESENCE_KEY = "soma_manifest.feature_presence"
+# The experiment's own keys; PRESENCE_KEY is set once the samples table and the feature presence matrix hold a
+# row for every ingested sample. Defined in atlas_meta, which reads them without the storage engine.
 SAMPLES = "samples"  # top-level DataFrame: one row per sample joinid
 PRESENCE = "feature_presence_matrix"  # in ms/<measurement>: bool, sample joinid x var joinid
 

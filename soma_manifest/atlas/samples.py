@@ -7,6 +7,8 @@ version are deleted with its obs range (see State.retire_sample).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -31,38 +33,49 @@ def write_sample(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, h5
 def write_sample_rows(uri: str, schema: AtlasSchema, sample_joinid: int, key: str, sample: Sample, start: int,
                       var_ids: pd.Series) -> int:
     """write_sample, for a sample already read; `var_ids` as read_var_ids returns them."""
-    return write_samples_rows(uri, schema, [(sample_joinid, key, sample, start)], var_ids)[0]
+    return write_samples_rows(uri, schema, [sample_row(sample_joinid, key, sample, start, var_ids)])[0]
 
 
-def write_samples_rows(uri: str, schema: AtlasSchema, rows: list[tuple[int, str, Sample, int]],
-                       var_ids: pd.Series) -> list[int]:
-    """The rows of several samples, each (sample joinid, key, sample, obs start), in one mutation: one fragment
-    per array for all of them (a grouped ingest). Returns each sample's number of measured genes."""
+@dataclass(frozen=True)
+class SampleRow:
+    """A sample's row of the samples table and its presence columns, made while its h5ad is open: a grouped
+    ingest closes each member's file before the rows of all are written."""
+
+    sample_joinid: int
+    key: str
+    cells: int
+    start: int
+    columns: np.ndarray  # atlas var joinids of its measured genes, sorted
+
+
+def sample_row(sample_joinid: int, key: str, sample: Sample, start: int, var_ids: pd.Series) -> SampleRow:
+    return SampleRow(sample_joinid, key, len(sample.obs), start,
+                     _presence_columns(var_ids, sample.measured_genes, sample.path))
+
+
+def write_samples_rows(uri: str, schema: AtlasSchema, rows: list[SampleRow]) -> list[int]:
+    """The rows of several samples in one mutation: one fragment per array for all of them (a grouped
+    ingest). Returns each sample's number of measured genes."""
     samples_uri, presence_uri = layout.sample_members(uri, schema)
     table_rows: dict[str, list] = {name: [] for name in layout.SAMPLES_SCHEMA.names}
-    dim0, dim1, measured = [], [], []
-    for sample_joinid, key, sample, start in rows:
-        cells = len(sample.obs)
-        columns = _presence_columns(var_ids, sample.measured_genes, sample.path)
-        study, name = key.split("/", 1)
-        for field, value in (("soma_joinid", sample_joinid), ("sample_id", key), ("study", study), ("sample", name),
-                             ("cells", cells), ("obs_joinid_start", start), ("obs_joinid_stop", start + cells),
-                             ("n_measured_genes", len(columns))):
+    for row in rows:
+        study, name = row.key.split("/", 1)
+        for field, value in (("soma_joinid", row.sample_joinid), ("sample_id", row.key), ("study", study),
+                             ("sample", name), ("cells", row.cells), ("obs_joinid_start", row.start),
+                             ("obs_joinid_stop", row.start + row.cells), ("n_measured_genes", len(row.columns))):
             table_rows[field].append(value)
-        dim0.append(np.full(len(columns), sample_joinid, dtype=np.int64))
-        dim1.append(columns)
-        measured.append(len(columns))
     # the presence matrix is written sorted (rows, then columns), as one sample's rows always were
-    order = np.argsort(np.array([r[0] for r in rows]), kind="stable")
-    dim0 = np.concatenate([dim0[i] for i in order]) if rows else np.zeros(0, np.int64)
-    dim1 = np.concatenate([dim1[i] for i in order]) if rows else np.zeros(0, np.int64)
+    ordered = sorted(rows, key=lambda r: r.sample_joinid)
+    dim0 = (np.concatenate([np.full(len(r.columns), r.sample_joinid, dtype=np.int64) for r in ordered])
+            if rows else np.zeros(0, np.int64))
+    dim1 = np.concatenate([r.columns for r in ordered]) if rows else np.zeros(0, np.int64)
     with clock.mutation() as stamp:
         with soma.DataFrame.open(samples_uri, "w", tiledb_timestamp=stamp, context=engine.ctx()) as table:
             table.write(pa.table(table_rows, schema=layout.SAMPLES_SCHEMA))
         with soma.SparseNDArray.open(presence_uri, "w", tiledb_timestamp=stamp, context=engine.ctx()) as presence:
             presence.write(pa.table({"soma_dim_0": dim0, "soma_dim_1": dim1,
                                      "soma_data": np.ones(len(dim0), dtype=bool)}))
-    return measured
+    return [len(r.columns) for r in rows]
 
 
 def _presence_columns(var_ids: pd.Series, genes: pd.Index, where: str) -> np.ndarray:
