@@ -32,7 +32,8 @@ from soma_manifest.sources import (
 from soma_manifest.state import ConversionParts, FileStamp, State, StudyCache
 from soma_manifest.storage import Location
 
-PLAN_FORMAT_VERSION = 1
+# 2: `schema_changes` (schema evolution in place). A plan of version 1 is refused (planfile.py): make it again.
+PLAN_FORMAT_VERSION = 2
 Kind = Literal["add", "replace", "update", "ingest", "resume", "retry", "remove", "cleanup", "invalid"]
 #: Display order of kinds and their symbols (Terraform-like).
 KINDS: dict[str, str] = {

@@ -63,7 +63,7 @@ def test_plan_json_is_what_apply_executes(project: Project) -> None:
     result = run_cli("plan", project.manifest, "--out", saved)
     assert result.returncode == 0
     plan = json.loads(saved.read_text())
-    assert plan["format_version"] == 1 and plan["create_atlas"] is True
+    assert plan["format_version"] == 2 and plan["create_atlas"] is True
     assert [a["key"] for a in plan["actions"]] == sorted(project.samples)
     applied = run_cli("apply", saved)
     assert applied.returncode == 0, applied.stderr
