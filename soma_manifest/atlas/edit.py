@@ -7,7 +7,7 @@ from collections.abc import Callable
 import tiledbsoma as soma
 
 from soma_manifest.atlas import clock, engine, layout
-from soma_manifest.atlas.checks import read_slices
+from soma_manifest.atlas.checks import RangeStats, obs_rows_as_written, read_slices
 from soma_manifest.atlas.domains import df_size
 from soma_manifest.errors import AtlasError
 from soma_manifest.faults import pause_point
@@ -33,9 +33,9 @@ def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> No
 
 
 def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
-               fence: Callable[[], None] = clock.no_fence) -> int:
-    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n.
-    `fence` as for ingest_h5ad."""
+               fence: Callable[[], None] = clock.no_fence) -> RangeStats:
+    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns the rows as
+    read back after the write (checks.obs_rows_as_written: X not read). `fence` as for ingest_h5ad."""
     with open_sample(h5ad, schema) as sample:
         table = layout.obs_table(sample.obs, schema, start)
     n = len(table)
@@ -50,4 +50,5 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
         fence()
         pause_point("write_obs_fenced")  # tests: a step held between its lease check and its write
         obs.write(table)
-    return n
+    with soma.DataFrame.open(members.obs, context=engine.ctx()) as obs:
+        return obs_rows_as_written(obs, table)
