@@ -263,9 +263,9 @@ def test_obs_rows_read_back_must_equal_those_written(tmp_path: Path, uri: str, s
     other = written.set_column(written.schema.get_field_index("cell_type"), "cell_type",
                                pa.array(["Treg"] * sample.n, written.schema.field("cell_type").type))
     with soma.DataFrame.open(layout.members(uri, schema).obs) as obs:
-        assert obs_rows_as_written(obs, written) == atlas.RangeStats(start, stop, sample.n, sample.n, None)
+        assert obs_rows_as_written(obs, written, start) == atlas.RangeStats(start, stop, sample.n, sample.n, None)
         with pytest.raises(AtlasError, match=r"differ from those written \(columns cell_type\)"):
-            obs_rows_as_written(obs, other)
+            obs_rows_as_written(obs, other, start)
 
 
 def test_verify_finds_an_orphaned_range(tmp_path: Path, uri: str, schema: AtlasSchema) -> None:

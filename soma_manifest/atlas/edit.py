@@ -50,4 +50,4 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
         pause_point("write_obs_fenced")  # tests: a step held between its lease check and its write
         obs.write(table)
     with soma.DataFrame.open(members.obs, context=engine.ctx()) as obs:
-        return obs_rows_as_written(obs, table)
+        return obs_rows_as_written(obs, table, start)
