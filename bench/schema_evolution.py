@@ -1,6 +1,7 @@
 """Schema evolution in place (issue #24) against a rebuild, through the real CLI.
 
-    python bench/schema_evolution.py [--preset small|full] [--processes 2] [--out bench/out/schema_evolution]
+    python bench/schema_evolution.py [--preset small|full] [--processes 2] [--columns-only]
+                                     [--out bench/out/schema_evolution]
 
 Builds the preset's atlas with the default schema (the rebuild it is measured against), then, on that atlas
 and one after the other: adds one obs column (from the sample metadata), drops one (pct_ribo), adds a
@@ -10,7 +11,8 @@ interpreter: its wall time, and the apply's own time from logs/last-apply.json (
 start and imports, 3-4 s on a loaded 2-core machine, which every command pays alike). The table gives the
 ratios first (targets of #24: adding a column <= 5% of a rebuild, dropping one <= 2%, adding a layer <= 1.3x
 what it adds to a build), then the seconds and, for each in-place step, whether X's counts fragments stayed
-as they were.
+as they were. Below it, the per-sample step times of the column's apply (from its log): what a sample costs.
+`--columns-only` skips the layer (its two applies are most of the run).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +63,16 @@ def apply(manifest: Path, processes: int) -> tuple[float, float]:
     return wall, json.loads((manifest.parent / "logs" / "last-apply.json").read_text())["total_seconds"]
 
 
+def step_seconds(manifest: Path) -> dict[str, list[float]]:
+    """Per-sample seconds of each worker step in the newest apply log ("S01: write_obs done (0.9s)", "S01: converted
+    (..., 0.5s)")."""
+    log = max((manifest.parent / "logs").glob("apply-*.log"), key=lambda p: p.stat().st_mtime)
+    found: dict[str, list[float]] = {}
+    for step, seconds in re.findall(r": (write_obs|converted|ingest)[^(\n]*\((?:[^)\n]*, )?([0-9.]+)s", log.read_text()):
+        found.setdefault(step, []).append(float(seconds))
+    return found
+
+
 def x_fragments(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "atlas" / "atlas" / "ms" / "RNA" / "X" / "raw" / "__fragments").iterdir())
 
@@ -75,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--columns-only", action="store_true", help="add and drop a column; skip the layer")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "schema_evolution")
     args = parser.parse_args()
     out = (args.out / args.preset).resolve()
@@ -88,16 +102,20 @@ def main() -> None:
     fragments = x_fragments(manifest.parent)
     edit(manifest, CELL_TYPE, CELL_TYPE + DONOR)
     add_column = apply(manifest, args.processes)
+    per_sample = step_seconds(manifest)
     add_kept = x_fragments(manifest.parent) == fragments
     edit(manifest, PCT_RIBO, "")
     drop_column = apply(manifest, args.processes)
     drop_kept = x_fragments(manifest.parent) == fragments
-    edit(manifest, RAW, RAW + NORM)
-    add_layer = apply(manifest, args.processes)
-    layer_kept = x_fragments(manifest.parent) == fragments
+    nan = (float("nan"), float("nan"))
+    add_layer, layer_kept, build_with_layer = nan, True, nan
+    if not args.columns_only:
+        edit(manifest, RAW, RAW + NORM)
+        add_layer = apply(manifest, args.processes)
+        layer_kept = x_fragments(manifest.parent) == fragments
+        scratch = project(out / "with_layer", data, default.replace(RAW, RAW + NORM))
+        build_with_layer = apply(scratch, args.processes)
 
-    scratch = project(out / "with_layer", data, default.replace(RAW, RAW + NORM))
-    build_with_layer = apply(scratch, args.processes)
     def ratio(a: tuple[float, float], b: tuple[float, float], i: int) -> float:
         return a[i] / b[i] if b[i] > 0 else float("nan")
 
@@ -116,6 +134,9 @@ def main() -> None:
     for name, step, base, target, kept in rows:
         print(f"| {name} | {ratio(step, base, 0):.3f} | {ratio(step, base, 1):.3f} | {target} | "
               f"{step[0]:.2f}, {step[1]:.2f} (vs {base[0]:.2f}, {base[1]:.2f}) | {'yes' if kept else 'NO'} |")
+    print("\nadding the column, per sample (s): " + "; ".join(
+        f"{step} {min(v):.2f}-{max(v):.2f} (median {sorted(v)[len(v) // 2]:.2f}, n={len(v)})"
+        for step, v in sorted(per_sample.items())))
 
 
 if __name__ == "__main__":

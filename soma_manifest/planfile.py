@@ -42,10 +42,14 @@ def read_saved_plan(where: str | os.PathLike[str]) -> Plan | None:
         return None
     if not isinstance(doc, dict) or doc.get("kind") != _KIND:
         return None
-    if doc.get("format_version") != PLAN_FORMAT_VERSION:
-        raise PlanError(f"plan format version {doc.get('format_version')} is not supported (this soma-manifest "
-                        f"reads version {PLAN_FORMAT_VERSION})", where=loc,
-                        hint="make the plan with the soma-manifest that applies it")
+    version = doc.get("format_version")
+    if version != PLAN_FORMAT_VERSION:
+        older = isinstance(version, int) and not isinstance(version, bool) and version < PLAN_FORMAT_VERSION
+        raise PlanError(
+            f"plan format version {version} is " + ("older than" if older else "not")
+            + f" the one this soma-manifest applies ({PLAN_FORMAT_VERSION})"
+            + (": the plan was made by an older soma-manifest and is stale" if older else ""),
+            where=loc, hint="make the plan again with `soma-manifest plan --out` of the soma-manifest that applies it")
     try:
         return Plan.model_validate(doc)
     except ValidationError as exc:

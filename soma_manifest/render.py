@@ -6,7 +6,8 @@ import json
 
 from rich.markup import escape
 
-from soma_manifest.plan import KINDS, PLAN_FORMAT_VERSION, Action, Plan, SchemaChange
+from soma_manifest.evolution import SchemaChange
+from soma_manifest.plan import KINDS, PLAN_FORMAT_VERSION, Action, Plan
 from soma_manifest.state import State
 
 _STYLE = {"add": "green", "replace": "yellow", "update": "cyan", "ingest": "green", "resume": "magenta",

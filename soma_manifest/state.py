@@ -19,8 +19,11 @@ from soma_manifest.errors import StateError
 from soma_manifest.storage import Location
 
 # 2: release tags (`tags`). A version-1 tool would ignore them and compact tagged applies away, so it refuses
-# version 2; this tool reads version 1 as it is and writes version 2.
-FORMAT_VERSION = 2
+# version 2.
+# 3: schema evolution in place (`conversions`, `layer_fills`, `dropped_layers`). A version-2 tool would refuse
+# them as unknown fields ("invalid"); the bump makes it say "newer" instead. It would also not finish a layer fill.
+# This tool reads versions 1 and 2 (_upgraded) and writes version 3.
+FORMAT_VERSION = 3
 IngestStatus = Literal["none", "allocated", "done"]
 
 
@@ -302,11 +305,22 @@ def load_state(path: Location) -> State | None:
         raise StateError(f"state format version {version} is newer than this soma-manifest understands "
                          f"({FORMAT_VERSION})", where=path, hint="upgrade soma-manifest; the file was left as it is")
     try:
-        return State.model_validate(raw)
+        return State.model_validate(_upgraded(raw))
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(map(str, first["loc"]))
         raise StateError(f"state file is invalid at {loc}: {first['msg']}", where=path, hint=restore) from None
+
+
+def _upgraded(raw: dict) -> dict:
+    """A state of an earlier format version as a document of this one (written as this one on the next save).
+
+    1 -> 2 added `tags`, 2 -> 3 the schema-evolution fields: each is absent from the older file and means what its
+    default says (no tags; no conversion parts recorded, no layer fill running, no layer dropped). Only the
+    version moves: an atlas of a version-2 state gets its first schema change as replaces (no parts recorded)."""
+    if raw["format_version"] < FORMAT_VERSION:
+        raw = {**raw, "format_version": FORMAT_VERSION}
+    return raw
 
 
 def save_state(state: State, path: Location) -> None:

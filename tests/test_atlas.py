@@ -234,7 +234,8 @@ def test_update_obs_rewrites_in_place(tmp_path: Path, uri: str, schema: AtlasSch
     [(start, stop)] = _prepare(uri, schema, [sample])
     atlas.ingest_h5ad(uri, schema, sample.path, start)
     changed = sample.with_obs(tmp_path, cell_type="Treg", umi_counts=np.arange(sample.n, dtype=np.int64))
-    assert atlas.update_obs(uri, schema, changed, start) == sample.n
+    # X is not read back after an obs-only update (nnz None); the obs rows are, and compared with what was written
+    assert atlas.update_obs(uri, schema, changed, start) == atlas.RangeStats(start, stop, sample.n, sample.n, None)
     got = atlas.read_sample(uri, schema, start, stop)
     assert list(got.obs["cell_type"]) == ["Treg"] * sample.n
     assert list(got.obs["umi_counts"]) == list(range(sample.n))
@@ -243,6 +244,28 @@ def test_update_obs_rewrites_in_place(tmp_path: Path, uri: str, schema: AtlasSch
         start, stop, cells=sample.n, obs_ids=sample.n, nnz=sample.adata.X.nnz)
     with pytest.raises(AtlasError, match="do not hold the cells"):
         atlas.update_obs(uri, schema, other.path, start)
+
+
+def test_obs_rows_read_back_must_equal_those_written(tmp_path: Path, uri: str, schema: AtlasSchema) -> None:
+    """The check after an obs-only update compares every value read back, not only counts and ids."""
+    import pyarrow as pa
+    import tiledbsoma as soma
+
+    from soma_manifest.atlas import layout
+    from soma_manifest.atlas.checks import obs_rows_as_written
+    from soma_manifest.h5ad import open_sample
+
+    sample = Sample(tmp_path, schema, "s1/a", GENES, seed=8)
+    [(start, stop)] = _prepare(uri, schema, [sample])
+    atlas.ingest_h5ad(uri, schema, sample.path, start)
+    with open_sample(sample.path, schema) as opened:
+        written = layout.obs_table(opened.obs, schema, start)
+    other = written.set_column(written.schema.get_field_index("cell_type"), "cell_type",
+                               pa.array(["Treg"] * sample.n, written.schema.field("cell_type").type))
+    with soma.DataFrame.open(layout.members(uri, schema).obs) as obs:
+        assert obs_rows_as_written(obs, written, start) == atlas.RangeStats(start, stop, sample.n, sample.n, None)
+        with pytest.raises(AtlasError, match=r"differ from those written \(columns cell_type\)"):
+            obs_rows_as_written(obs, other, start)
 
 
 def test_verify_finds_an_orphaned_range(tmp_path: Path, uri: str, schema: AtlasSchema) -> None:

@@ -77,7 +77,7 @@ def test_json_plan_validates_against_the_documented_schema(project: Project) -> 
     assert "Saved the plan" in result.stderr
     doc = json.loads(result.stdout)
     jsonschema.Draft202012Validator(PLAN_SCHEMA).validate(doc)
-    assert doc["format_version"] == 1 and doc["kind"] == "soma-manifest-plan"
+    assert doc["format_version"] == 2 and doc["kind"] == "soma-manifest-plan"
     assert [(a["key"], a["kind"]) for a in doc["actions"]] == [
         ("study_a/s1", "remove"), ("study_a/s2", "replace"), ("study_b/s2", "add")]  # sorted by key
     assert all(a["reason"] for a in doc["actions"]) and "matrix.mtx.gz" in doc["actions"][1]["reason"]
@@ -90,8 +90,8 @@ def test_json_plan_validates_against_the_documented_schema(project: Project) -> 
                               "steps": 5, "cells_added_known": 0, "cells_deleted": 40, "failed_expected": 0}
     again = json.loads(run_cli("plan", project.manifest, "--json").stdout)
     assert {**again, "created_at": None} == {**doc, "created_at": None}  # stable: diffs show only real changes
-    with pytest.raises(jsonschema.ValidationError):  # the schema is strict: a v2 or unknown field is rejected
-        jsonschema.Draft202012Validator(PLAN_SCHEMA).validate({**doc, "format_version": 2})
+    with pytest.raises(jsonschema.ValidationError):  # the schema is strict: a v3 or unknown field is rejected
+        jsonschema.Draft202012Validator(PLAN_SCHEMA).validate({**doc, "format_version": 3})
 
 
 @pytest.mark.parametrize("change", ["manifest", "schema", "raw data", "another apply"])
@@ -115,6 +115,25 @@ def test_a_stale_saved_plan_is_refused_and_changes_nothing(project: Project, cha
     expected = {"manifest": "the manifest changed", "schema": "the schema changed",
                 "raw data": "raw data of study_a/s2 changed", "another apply": "the state file was created"}[change]
     assert "the plan is stale" in result.stderr and expected in result.stderr, result.stderr
+    assert _files(project.root) == before
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    (1, "plan format version 1 is older than the one this soma-manifest applies (2): the plan was made by an older "
+        "soma-manifest and is stale"),
+    (3, "plan format version 3 is not the one this soma-manifest applies (2)"),
+], ids=["older", "newer"])
+def test_a_saved_plan_of_another_format_version_is_refused(project: Project, version: int, message: str) -> None:
+    saved = project.root / "plan.json"
+    assert run_cli("plan", project.manifest, "--out", saved).returncode == 0
+    doc = json.loads(saved.read_text())
+    if version == 1:  # as a version-1 tool saved it: no schema_changes
+        del doc["schema_changes"]
+    saved.write_text(json.dumps({**doc, "format_version": version}))
+    before = _files(project.root)
+    result = run_cli("apply", saved)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert str(saved) in result.stderr and "soma-manifest plan --out" in result.stderr  # located, says what to do
     assert _files(project.root) == before
 
 

@@ -36,7 +36,7 @@ def test_plan_imports_no_storage_engine_and_writes_nothing(project: Project) -> 
                          capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
     assert out.returncode == 0, out.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    assert "soma_manifest.plan" in imported
+    assert {"soma_manifest.plan", "soma_manifest.evolution"} <= imported
     assert [m for m in ("tiledbsoma", "anndata", "tiledb", "scipy") if m in imported] == []
     assert "No changes" in out.stdout  # a touched file with the same content is not a change
     assert _snapshot(project.root) == before
@@ -63,7 +63,7 @@ def test_plan_json_is_what_apply_executes(project: Project) -> None:
     result = run_cli("plan", project.manifest, "--out", saved)
     assert result.returncode == 0
     plan = json.loads(saved.read_text())
-    assert plan["format_version"] == 1 and plan["create_atlas"] is True
+    assert plan["format_version"] == 2 and plan["create_atlas"] is True
     assert [a["key"] for a in plan["actions"]] == sorted(project.samples)
     applied = run_cli("apply", saved)
     assert applied.returncode == 0, applied.stderr
@@ -85,7 +85,7 @@ def test_atlas_with_the_old_gene_optimized_layout_is_refused(tmp_path: Path) -> 
     import pytest
 
     from soma_manifest.errors import SchemaError
-    from soma_manifest.plan import check_structure
+    from soma_manifest.evolution import check_structure
     from soma_manifest.schema import AtlasSchema, _digest
     from soma_manifest.state import State
 

@@ -32,6 +32,22 @@ def test_the_backup_restores_a_converging_state(applied: Project) -> None:
     assert_converged(applied)
 
 
+def test_a_state_of_format_2_loads_and_is_written_as_3(applied: Project) -> None:
+    """Format 3 added the schema-evolution fields; a state of format 2 (as a tool before them wrote it) loads with
+    them empty, plans no change, and the next save writes version 3 (which a format-2 tool refuses as newer)."""
+    raw = json.loads(applied.state_path.read_text())
+    assert raw["format_version"] == 3
+    for field in ("conversions", "layer_fills", "dropped_layers"):
+        del raw[field]
+    applied.state_path.write_text(json.dumps({**raw, "format_version": 2}))
+    state = read_state(applied)
+    assert (state.format_version, state.conversions, state.layer_fills, state.dropped_layers) == (3, {}, {}, [])
+    assert json.loads(invoke_cli("plan", "--json", applied.manifest).stdout)["actions"] == []
+    assert invoke_cli("tag", applied.manifest, "v1").returncode == 0  # a save
+    written = json.loads(applied.state_path.read_text())
+    assert written["format_version"] == 3 and written["conversions"] == {} and list(written["tags"]) == ["v1"]
+
+
 def _newer(text: str) -> str:
     data = json.loads(text)
     data["format_version"] = 99
@@ -49,7 +65,7 @@ def _invalid(text: str) -> str:
     (lambda t: "\x00\x13garbage" + t, "state file is corrupt or truncated (line 1", "the previous version is at"),
     (lambda t: "[]", "not a soma-manifest state file (no format_version)", "the previous version is at"),
     (_invalid, "state file is invalid at next_joinid: Input should be a valid integer", "the previous version is at"),
-    (_newer, "state format version 99 is newer than this soma-manifest understands (2)",
+    (_newer, "state format version 99 is newer than this soma-manifest understands (3)",
      "upgrade soma-manifest; the file was left as it is"),
 ], ids=["truncated", "corrupt", "not a state file", "invalid field", "newer version"])
 def test_damaged_state_is_refused_and_left_as_it_is(applied: Project, damage, message: str, hint: str) -> None:

@@ -113,7 +113,7 @@ def test_a_tagged_apply_outlives_compaction_and_reads_back_cell_by_cell(applied:
     assert "no longer readable" in _refused("tag", applied.manifest, "again", "--serial", str(first.serial))
 
 
-def test_a_state_of_format_1_loads_and_is_written_as_2(applied: Project) -> None:
+def test_a_state_of_format_1_loads_and_is_written_as_3(applied: Project) -> None:
     raw = json.loads(applied.state_path.read_text())
     raw["format_version"] = 1
     del raw["tags"]
@@ -121,7 +121,7 @@ def test_a_state_of_format_1_loads_and_is_written_as_2(applied: Project) -> None
     assert read_state(applied).tags == {}
     _ok("tag", applied.manifest, "v1")
     written = json.loads(applied.state_path.read_text())
-    assert written["format_version"] == 2 and list(written["tags"]) == ["v1"]
+    assert written["format_version"] == 3 and list(written["tags"]) == ["v1"]
 
 
 def test_tags_on_s3(tmp_path: Path, s3_server: S3Server) -> None:

@@ -13,8 +13,9 @@ import time
 
 from soma_manifest import atlas
 from soma_manifest.apply.run import Run
+from soma_manifest.evolution import conversion_parts, in_place
 from soma_manifest.faults import crash_point
-from soma_manifest.plan import Plan, conversion_parts, in_place
+from soma_manifest.plan import Plan
 from soma_manifest.state import LayerFill
 from soma_manifest.steps import write_layer_step
 

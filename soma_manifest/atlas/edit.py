@@ -7,11 +7,11 @@ from collections.abc import Callable
 import tiledbsoma as soma
 
 from soma_manifest.atlas import clock, engine, layout
-from soma_manifest.atlas.checks import read_slices
+from soma_manifest.atlas.checks import RangeStats, obs_rows_as_written, read_slices
 from soma_manifest.atlas.domains import df_size
 from soma_manifest.errors import AtlasError
 from soma_manifest.faults import pause_point
-from soma_manifest.h5ad import open_sample
+from soma_manifest.h5ad import read_sample_obs
 from soma_manifest.schema import AtlasSchema
 
 
@@ -33,11 +33,10 @@ def delete_obs_range(uri: str, schema: AtlasSchema, start: int, stop: int) -> No
 
 
 def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
-               fence: Callable[[], None] = clock.no_fence) -> int:
-    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns n.
-    `fence` as for ingest_h5ad."""
-    with open_sample(h5ad, schema) as sample:
-        table = layout.obs_table(sample.obs, schema, start)
+               fence: Callable[[], None] = clock.no_fence) -> RangeStats:
+    """Overwrite obs rows [start, start+n) with the h5ad's obs (same obs_ids); X is untouched. Returns the rows as
+    read back after the write (checks.obs_rows_as_written: X not read). `fence` as for ingest_h5ad."""
+    table = layout.obs_table(read_sample_obs(h5ad, schema), schema, start)
     n = len(table)
     members = layout.members(uri, schema)
     with soma.DataFrame.open(members.obs, context=engine.ctx()) as obs:
@@ -50,4 +49,5 @@ def update_obs(uri: str, schema: AtlasSchema, h5ad: str, start: int, *,
         fence()
         pause_point("write_obs_fenced")  # tests: a step held between its lease check and its write
         obs.write(table)
-    return n
+    with soma.DataFrame.open(members.obs, context=engine.ctx()) as obs:
+        return obs_rows_as_written(obs, table, start)
