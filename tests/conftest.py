@@ -289,3 +289,20 @@ def start_cli(*args: str | Path, env: dict | None = None) -> Background:
                                 env={**os.environ, "NO_COLOR": "1", **(env or {})}, stdout=out_fh, stderr=err_fh,
                                 text=True, start_new_session=True)
     return Background(proc, out, err)
+
+
+@pytest.fixture
+def own_schema(project: Project) -> Path:
+    """A copy of the default schema the project's manifest points at, applied once."""
+    path = project.root / "schema.yaml"
+    shutil.copy(DEFAULT_SCHEMA, path)
+    project.write_manifest(schema=path)
+    apply_ok(project)
+    return path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    """Replace `old` (which must be there) with `new` in the text file at `path`."""
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))

@@ -16,6 +16,7 @@ from conftest import (
     apply_ok,
     assert_atlas_holds,
     assert_converged,
+    edit,
     invoke_cli,
     plan_actions,
     read_state,
@@ -170,22 +171,6 @@ def test_removal_needs_allow_delete(applied: Project, how: str, reason: str) -> 
     assert key not in state.samples and state.orphans == []
     del applied.samples[key]
     assert_converged(applied)
-
-
-@pytest.fixture
-def own_schema(project: Project) -> Path:
-    """A copy of the default schema the project's manifest points at, applied once."""
-    path = project.root / "schema.yaml"
-    shutil.copy(DEFAULT_SCHEMA, path)
-    project.write_manifest(schema=path)
-    apply_ok(project)
-    return path
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new))
 
 
 @pytest.mark.parametrize(("old", "new", "column", "changes", "steps"), [

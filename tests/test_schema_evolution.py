@@ -19,6 +19,7 @@ from conftest import (
     Project,
     apply_ok,
     assert_converged,
+    edit,
     invoke_cli,
     read_state,
 )
@@ -28,22 +29,6 @@ from test_dask import store_project  # noqa: F401 - a fixture: the project, or t
 RAW_LAYER = "  - {name: raw, type: int32, source: counts}\n"
 PCT_RIBO = "  - {name: pct_ribo, type: float32, source: computed}\n"
 CELL_TYPE = "  - {name: cell_type, type: string, source: cell_metadata, default: unknown}\n"
-
-
-@pytest.fixture
-def own_schema(project: Project) -> Path:
-    """A copy of the default schema the project's manifest points at, applied once."""
-    path = project.root / "schema.yaml"
-    shutil.copy(DEFAULT_SCHEMA, path)
-    project.write_manifest(schema=path)
-    apply_ok(project)
-    return path
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, old
-    path.write_text(text.replace(old, new))
 
 
 def plan_doc(project: Project) -> dict:
