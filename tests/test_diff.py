@@ -19,7 +19,8 @@ GOLDEN = DATA / "golden"
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Project, list[int]]:
     """Three applies, tagged v1, v2, v3: three samples; then one added, one replaced, one updated and one
-    removed; then a schema conversion change (a new obs default) that replaces every sample."""
+    removed; then a schema conversion change (a new obs default) that rewrites every sample's obs rows in place
+    (its counts stand: #24)."""
     p = applied_once(tmp_path_factory.mktemp("diff"))
     change_everything(p)  # study_a/s1 replaced, study_a/s2 removed, study_b/s1 re-annotated, study_b/s2 added
     apply_ok(p, "--allow-delete")
@@ -64,16 +65,16 @@ def test_add_replace_update_remove(history: tuple[Project, list[int]]) -> None:
     assert _diff(p, "--from", str(first), "--to", str(second)) == d
 
 
-def test_schema_change_replaces_every_sample(history: tuple[Project, list[int]]) -> None:
+def test_schema_change_updates_every_sample_in_place(history: tuple[Project, list[int]]) -> None:
     p, (first, second, third) = history
     d = _diff(p)  # default: the last two applies
     assert (d["before"]["serial"], d["after"]["serial"]) == (second, third)
-    assert _changes(d) == {"study_a/s1": "replaced", "study_b/s1": "replaced", "study_b/s2": "replaced"}
+    assert _changes(d) == {"study_a/s1": "updated", "study_b/s1": "updated", "study_b/s2": "updated"}
     assert d["summary"]["cells_before"] == d["summary"]["cells_after"] == 100 and d["genes_added"] == []
     assert [c["serial"] for c in d["schema"]] == [third] and "conversion changed" in d["schema"][0]["text"]
-    across = _diff(p, "--from", "v1")  # to the last apply: the update of v2 was replaced by v3
+    across = _diff(p, "--from", "v1")  # to the last apply: v2 replaced study_a/s1; v2 and v3 updated study_b/s1
     assert _changes(across) == {"study_b/s2": "added", "study_a/s2": "removed", "study_a/s1": "replaced",
-                                "study_b/s1": "replaced"}
+                                "study_b/s1": "updated"}
     assert [c["serial"] for c in across["schema"]] == [third]
     backwards = _diff(p, "--from", "v2", "--to", "v1")
     assert _changes(backwards) == {"study_a/s2": "added", "study_b/s2": "removed", "study_a/s1": "replaced",

@@ -15,6 +15,7 @@ from conftest import Project, apply_ok, invoke_cli, make_sample, read_state, run
 from s3server import S3Server
 from soma_manifest import api
 from soma_manifest.lock import AtlasLock, lock_path
+from soma_manifest.state import FORMAT_VERSION
 from test_compact import assert_same, change_everything, snapshot
 from test_s3 import _apply, _lock_object, _project
 
@@ -62,7 +63,7 @@ def test_tag_set_move_list_delete_and_refusals(applied: Project) -> None:
     assert "give a serial or a tag, not both" in _refused("show", m, "--summary", "--tag", "v1.0", "--serial", "1")
     assert _ok("tag", m, "--delete", "v1.0").strip() == f"Deleted tag v1.0 (it named apply {first})."
     assert read_state(applied).tags == {"stable": second}
-    assert read_state(applied).format_version == 2
+    assert read_state(applied).format_version == FORMAT_VERSION  # tags came with format 2; 3 keeps them
 
 
 def test_tags_move_only_under_the_lock(applied: Project) -> None:
