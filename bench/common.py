@@ -116,6 +116,7 @@ class WatchedRun:
     seconds: float
     parent_peak_bytes: int
     child_peak_bytes: int
+    parent_cpu_s: float  # CPU seconds (user + system) of the command's own process, children excluded
     other_cores: float  # mean cores kept busy by other processes of the machine meanwhile
     stdout: str
     stderr: str
@@ -133,6 +134,7 @@ def run_watched(cmd: list[str], cwd: Path | None = None, poll_s: float = 0.05) -
     import psutil
 
     peaks: dict[int, int] = {}
+    parent_cpu = 0.0
     busy_before, ours_before = _busy_cpu_s(), _children_cpu_s()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -145,6 +147,11 @@ def run_watched(cmd: list[str], cwd: Path | None = None, poll_s: float = 0.05) -
                 pids = []
             for pid in pids:
                 peaks[pid] = max(peaks.get(pid, 0), peak_rss_bytes(pid))
+            try:
+                cpu = root.cpu_times()
+                parent_cpu = cpu.user + cpu.system
+            except psutil.NoSuchProcess:
+                pass
             time.sleep(poll_s)
         seconds = time.perf_counter() - start
         others = (_busy_cpu_s() - busy_before) - (_children_cpu_s() - ours_before)
@@ -157,6 +164,7 @@ def run_watched(cmd: list[str], cwd: Path | None = None, poll_s: float = 0.05) -
         seconds=seconds,
         parent_peak_bytes=peaks.get(proc.pid, 0),
         child_peak_bytes=max(children, default=0),
+        parent_cpu_s=parent_cpu,
         other_cores=max(0.0, others / seconds),
         stdout=stdout,
         stderr=stderr,
