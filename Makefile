@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash tests/ensure_chromium.sh  # the report's browser test; installs Debian's chromium only if absent
-	$(BIN)/python -m pytest -n 2 -q --durations=15  # the slowest tests, for whoever keeps the suite fast
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q --durations=15  # the slowest tests, for whoever keeps the suite fast
 
 bench-small: $(STAMP)
 	$(BIN)/python bench/run.py --preset small
